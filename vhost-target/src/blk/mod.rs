@@ -1,0 +1,4 @@
+//! virtio-blk: the device's config space and its request format.
+
+pub mod config;
+pub mod request;

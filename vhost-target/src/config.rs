@@ -1,0 +1,1 @@
+//! SPDK-format configuration files.

@@ -1,0 +1,1 @@
+//! Guest-less vhost-user-blk load generator.

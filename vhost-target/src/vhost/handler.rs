@@ -1,0 +1,1 @@
+//! vhost-user control protocol.
