@@ -466,7 +466,7 @@ pub(crate) mod fakes {
     }
 
     impl FakeBdev {
-        pub fn new(name: &str, kind: &'static str) -> Arc<dyn Bdev> {
+        pub fn shared(name: &str, kind: &'static str) -> Arc<dyn Bdev> {
             Arc::new(FakeBdev {
                 info: BdevInfo {
                     name: name.to_owned(),
@@ -578,9 +578,10 @@ mod tests {
     #[test]
     fn duplicate_bdev_name_is_eexist_and_names_it() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("Malloc0", "malloc")).unwrap();
+        t.register_bdev(FakeBdev::shared("Malloc0", "malloc"))
+            .unwrap();
         let e = t
-            .register_bdev(FakeBdev::new("Malloc0", "malloc"))
+            .register_bdev(FakeBdev::shared("Malloc0", "malloc"))
             .unwrap_err();
         assert_eq!(e.errno(), libc::EEXIST);
         assert!(e.to_string().contains("Malloc0"), "{e}");
@@ -603,7 +604,7 @@ mod tests {
     #[test]
     fn deleting_a_bdev_of_another_kind_is_refused() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("Null0", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("Null0", "null")).unwrap();
         let e = t.delete_bdev("Null0", "malloc").unwrap_err();
         assert!(matches!(e, TargetError::WrongBdevKind { .. }), "{e}");
         t.delete_bdev("Null0", "null").unwrap();
@@ -613,7 +614,8 @@ mod tests {
     #[test]
     fn deleting_a_claimed_bdev_is_ebusy_naming_the_controller() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("Malloc0", "malloc")).unwrap();
+        t.register_bdev(FakeBdev::shared("Malloc0", "malloc"))
+            .unwrap();
         t.create_controller(req("vhost.0", "Malloc0")).unwrap();
         let e = t.delete_bdev("Malloc0", "malloc").unwrap_err();
         assert_eq!(e.errno(), libc::EBUSY);
@@ -631,8 +633,8 @@ mod tests {
     #[test]
     fn duplicate_controller_is_eexist() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
-        t.register_bdev(FakeBdev::new("B", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("B", "null")).unwrap();
         t.create_controller(req("vhost.0", "A")).unwrap();
         let e = t.create_controller(req("vhost.0", "B")).unwrap_err();
         assert_eq!(e.errno(), libc::EEXIST);
@@ -642,7 +644,7 @@ mod tests {
     #[test]
     fn controller_defaults_follow_spdk() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         let info = t.create_controller(req("vhost.0", "A")).unwrap();
         assert_eq!(info.cpumask, "0x1", "default is the first CPU of -m");
         assert_eq!(info.socket, "/tmp/tandem-test/vhost.0");
@@ -653,7 +655,7 @@ mod tests {
     #[test]
     fn bad_cpumask_is_einval() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         let mut r = req("vhost.0", "A");
         r.cpumask = Some("0xzz".into());
         let e = t.create_controller(r).unwrap_err();
@@ -664,7 +666,7 @@ mod tests {
     #[test]
     fn cpumask_outside_core_mask_is_einval() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         let mut r = req("vhost.0", "A");
         r.cpumask = Some("0x4".into());
         let e = t.create_controller(r).unwrap_err();
@@ -676,7 +678,7 @@ mod tests {
     #[test]
     fn controller_names_that_are_not_file_names_are_refused() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         for bad in ["", "a/b", "..", "."] {
             let e = t.create_controller(req(bad, "A")).unwrap_err();
             assert!(matches!(e, TargetError::InvalidName { .. }), "{bad:?}: {e}");
@@ -686,7 +688,7 @@ mod tests {
     #[test]
     fn num_queues_out_of_range_is_einval() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         for n in [0, 65] {
             let mut r = req("vhost.0", "A");
             r.num_queues = Some(n);
@@ -697,7 +699,7 @@ mod tests {
     #[test]
     fn too_long_socket_path_is_refused() {
         let mut t = target();
-        t.register_bdev(FakeBdev::new("A", "null")).unwrap();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         let e = t.create_controller(req(&"x".repeat(120), "A")).unwrap_err();
         assert!(matches!(e, TargetError::SocketPathTooLong(_)), "{e}");
     }
@@ -712,7 +714,7 @@ mod tests {
     #[test]
     fn bdev_is_found_by_uuid() {
         let mut t = target();
-        let b = FakeBdev::new("A", "null");
+        let b = FakeBdev::shared("A", "null");
         let u = b.info().uuid.to_string();
         t.register_bdev(b).unwrap();
         assert_eq!(t.bdev(&u).unwrap().info().name, "A");
