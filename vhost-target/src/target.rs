@@ -29,6 +29,7 @@ pub mod errno {
     pub const ENODEV: i32 = libc::ENODEV;
     pub const EINVAL: i32 = libc::EINVAL;
     pub const ENAMETOOLONG: i32 = libc::ENAMETOOLONG;
+    pub const ESHUTDOWN: i32 = libc::ESHUTDOWN;
 }
 
 /// Default number of virtqueues a controller offers (`num_queues`).
@@ -72,6 +73,8 @@ pub enum TargetError {
     Bdev(#[from] BdevError),
     #[error(transparent)]
     Vhost(#[from] VhostError),
+    #[error("the target is shutting down")]
+    ShuttingDown,
 }
 
 impl TargetError {
@@ -93,6 +96,7 @@ impl TargetError {
             TargetError::Vhost(VhostError::InvalidParam(_)) => errno::EINVAL,
             TargetError::Vhost(VhostError::Bdev(e)) => bdev_errno(e),
             TargetError::Vhost(_) => errno::EIO,
+            TargetError::ShuttingDown => errno::ESHUTDOWN,
         }
     }
 }
@@ -176,6 +180,9 @@ pub struct Target {
     /// Next N tried for an auto-named "MallocN" (SPDK counts creations).
     next_malloc: u32,
     start_controller: ControllerStarter,
+    /// Set by [`Target::shutdown`]: nothing new may be created after it, so a
+    /// client still connected during shutdown cannot leave a socket behind.
+    shut_down: bool,
 }
 
 impl Target {
@@ -198,6 +205,7 @@ impl Target {
             controllers: BTreeMap::new(),
             next_malloc: 0,
             start_controller: start,
+            shut_down: false,
         }
     }
 
@@ -301,6 +309,9 @@ impl Target {
     }
 
     fn check_new_bdev_name(&self, name: &str) -> Result<()> {
+        if self.shut_down {
+            return Err(TargetError::ShuttingDown);
+        }
         if name.is_empty() {
             return Err(TargetError::InvalidName {
                 name: name.to_owned(),
@@ -327,6 +338,9 @@ impl Target {
 
     /// Validates a request and starts the controller.
     pub fn create_controller(&mut self, req: ControllerRequest) -> Result<ControllerInfo> {
+        if self.shut_down {
+            return Err(TargetError::ShuttingDown);
+        }
         validate_controller_name(&req.name)?;
         if self.controllers.contains_key(&req.name) {
             return Err(TargetError::ControllerExists(req.name));
@@ -412,8 +426,10 @@ impl Target {
             .collect()
     }
 
-    /// Stops every controller (removing their sockets) and forgets every bdev.
+    /// Stops every controller (removing their sockets) and forgets every
+    /// bdev; later create calls fail with [`TargetError::ShuttingDown`].
     pub fn shutdown(&mut self) {
+        self.shut_down = true;
         while let Some((name, entry)) = self.controllers.pop_last() {
             entry.running.stop();
             tracing::info!(ctrlr = %name, "controller stopped");
@@ -702,6 +718,18 @@ mod tests {
         t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
         let e = t.create_controller(req(&"x".repeat(120), "A")).unwrap_err();
         assert!(matches!(e, TargetError::SocketPathTooLong(_)), "{e}");
+    }
+
+    #[test]
+    fn nothing_is_created_after_shutdown() {
+        let mut t = target();
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
+        t.shutdown();
+        assert!(t.controllers().is_empty() && t.bdevs().next().is_none());
+        let e = t.register_bdev(FakeBdev::shared("B", "null")).unwrap_err();
+        assert!(matches!(e, TargetError::ShuttingDown));
+        let e = t.create_controller(req("vhost.0", "A")).unwrap_err();
+        assert!(matches!(e, TargetError::ShuttingDown));
     }
 
     #[test]
