@@ -21,6 +21,12 @@ use serde_json::{json, Value};
 use crate::rpc::{self, RpcError};
 use crate::target::Target;
 
+/// Tandem's subsystems and what each depends on, in initialisation order
+/// (`framework_get_subsystems`).
+pub fn subsystems() -> impl Iterator<Item = (&'static str, &'static [&'static str])> {
+    [("bdev", &[][..]), ("vhost_blk", &["bdev"][..])].into_iter()
+}
+
 /// The subsystems Tandem replays, in replay order, with the methods each may hold.
 const SUBSYSTEMS: &[(&str, &[&str])] = &[
     (
@@ -86,7 +92,24 @@ struct ConfigFile {
 struct SubsystemConfig {
     subsystem: String,
     #[serde(default)]
-    config: Option<Vec<MethodCall>>,
+    config: Option<Vec<ConfigElem>>,
+}
+
+/// SPDK may write a batch (an array of calls) where a call would be.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ConfigElem {
+    One(MethodCall),
+    Batch(Vec<MethodCall>),
+}
+
+impl ConfigElem {
+    fn calls(&self) -> &[MethodCall] {
+        match self {
+            ConfigElem::One(c) => std::slice::from_ref(c),
+            ConfigElem::Batch(b) => b,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -128,7 +151,8 @@ pub fn load_str(text: &str, origin: &str, target: &mut Target) -> Result<(), Con
             .subsystems
             .iter()
             .filter(|s| s.subsystem == *subsystem)
-            .flat_map(|s| s.config.iter().flatten());
+            .flat_map(|s| s.config.iter().flatten())
+            .flat_map(ConfigElem::calls);
         for c in calls {
             if IGNORED_METHODS.contains(&c.method.as_str()) {
                 tracing::warn!(config = origin, method = %c.method, "skipping option method that Tandem does not have");
@@ -166,38 +190,51 @@ pub fn load_str(text: &str, origin: &str, target: &mut Target) -> Result<(), Con
 /// The target's state as an SPDK config (`save_config`): every bdev, then
 /// every controller, in name order, each as the call that recreates it.
 pub fn save(target: &Target) -> Value {
-    let bdevs: Vec<Value> = target
-        .bdevs()
-        .map(|b| {
-            json!({
-                "method": format!("bdev_{}_create", b.kind()),
-                "params": b.create_params(),
-            })
+    let subsystems: Vec<Value> = subsystems()
+        .filter_map(|(name, _)| {
+            let config = subsystem_config(target, name)?;
+            Some(json!({ "subsystem": name, "config": config }))
         })
         .collect();
-    let controllers: Vec<Value> = target
-        .controllers()
-        .iter()
-        .map(|c| {
-            json!({
-                "method": "vhost_create_blk_controller",
-                "params": {
-                    "ctrlr": c.ctrlr,
-                    "dev_name": c.bdev,
-                    "cpumask": c.cpumask,
-                    "readonly": c.readonly,
-                    "poll_mode": c.poll_mode,
-                    "num_queues": c.max_queues,
-                }
-            })
-        })
-        .collect();
-    json!({
-        "subsystems": [
-            { "subsystem": "bdev", "config": bdevs },
-            { "subsystem": "vhost_blk", "config": controllers },
-        ]
-    })
+    json!({ "subsystems": subsystems })
+}
+
+/// One subsystem's calls (`framework_get_config`); `None` for a subsystem
+/// Tandem does not have.
+pub fn subsystem_config(target: &Target, subsystem: &str) -> Option<Vec<Value>> {
+    match subsystem {
+        "bdev" => Some(
+            target
+                .bdevs()
+                .map(|b| {
+                    json!({
+                        "method": format!("bdev_{}_create", b.kind()),
+                        "params": b.create_params(),
+                    })
+                })
+                .collect(),
+        ),
+        "vhost_blk" => Some(
+            target
+                .controllers()
+                .iter()
+                .map(|c| {
+                    json!({
+                        "method": "vhost_create_blk_controller",
+                        "params": {
+                            "ctrlr": c.ctrlr,
+                            "dev_name": c.bdev,
+                            "cpumask": c.cpumask,
+                            "readonly": c.readonly,
+                            "poll_mode": c.poll_mode,
+                            "num_queues": c.max_queues,
+                        }
+                    })
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -283,6 +320,18 @@ mod tests {
     }
 
     #[test]
+    fn batches_in_a_config_are_flattened() {
+        let mut t = target();
+        t.register_bdev(FakeBdev::shared("Malloc0", "malloc"))
+            .unwrap();
+        let text = r#"{"subsystems": [{"subsystem": "vhost_blk", "config": [[
+            {"method": "vhost_create_blk_controller",
+             "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0"}}]]}]}"#;
+        load_str(text, "b.json", &mut t).unwrap();
+        assert_eq!(t.controllers().len(), 1);
+    }
+
+    #[test]
     fn not_a_config_is_a_parse_error() {
         let mut t = target();
         assert!(matches!(
@@ -333,7 +382,7 @@ mod tests {
             let file: ConfigFile = serde_json::from_str(text).unwrap();
             for s in &file.subsystems {
                 let (_, allowed) = SUBSYSTEMS.iter().find(|(n, _)| *n == s.subsystem).unwrap();
-                for c in s.config.iter().flatten() {
+                for c in s.config.iter().flatten().flat_map(ConfigElem::calls) {
                     assert!(allowed.contains(&c.method.as_str()), "{}", c.method);
                 }
             }

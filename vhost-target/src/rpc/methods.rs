@@ -24,6 +24,8 @@ const METHODS: &[(&str, Handler)] = &[
     ("rpc_get_methods", rpc_get_methods),
     ("spdk_get_version", spdk_get_version),
     ("framework_wait_init", framework_wait_init),
+    ("framework_get_subsystems", framework_get_subsystems),
+    ("framework_get_config", framework_get_config),
     ("save_config", save_config),
     ("bdev_malloc_create", bdev_malloc_create),
     ("bdev_malloc_delete", bdev_malloc_delete),
@@ -136,6 +138,32 @@ fn framework_wait_init(_t: &mut Target, p: Value) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
+fn framework_get_subsystems(_t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let NoParams {} = parse(p)?;
+    Ok(Value::Array(
+        crate::config::subsystems()
+            .map(|(name, deps)| json!({ "subsystem": name, "depends_on": deps }))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetConfigParams {
+    name: String,
+    /// SPDK may group calls into batch arrays; Tandem's lists are always flat.
+    #[allow(dead_code)]
+    with_batches: Option<bool>,
+}
+
+/// One subsystem's part of `save_config` (rpc.py's save_config is built from these).
+fn framework_get_config(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let p: GetConfigParams = parse(p)?;
+    crate::config::subsystem_config(t, &p.name)
+        .map(Value::Array)
+        .ok_or_else(|| RpcError::invalid_params(format!("subsystem {} not found", p.name)))
+}
+
 fn save_config(t: &mut Target, p: Value) -> Result<Value, RpcError> {
     let NoParams {} = parse(p)?;
     Ok(crate::config::save(t))
@@ -233,6 +261,10 @@ struct AioCreateParams {
     /// that itself; accepted so SPDK configs load.
     #[allow(dead_code)]
     fallocate: Option<bool>,
+    /// SPDK: submit with RWF_NOWAIT. A hint Tandem's io_uring path does
+    /// without; accepted so rpc.py (which always sends it) works.
+    #[allow(dead_code)]
+    nowait: Option<bool>,
     uuid: Option<String>,
 }
 

@@ -491,3 +491,26 @@ fn oversized_request_is_32700_and_closes_the_connection() {
     assert!(err_msg(&r).contains("longer than"), "{r}");
     let _ = writer.join();
 }
+
+#[test]
+fn framework_get_config_matches_save_config() {
+    let t = shared();
+    with_malloc0_on_vhost0(&t);
+    let subs = rpc(&t, "framework_get_subsystems", json!({}));
+    assert_eq!(
+        subs["result"],
+        json!([{"subsystem": "bdev", "depends_on": []},
+               {"subsystem": "vhost_blk", "depends_on": ["bdev"]}])
+    );
+    let saved = rpc(&t, "save_config", json!({}))["result"].clone();
+    for (i, name) in ["bdev", "vhost_blk"].iter().enumerate() {
+        let c = rpc(
+            &t,
+            "framework_get_config",
+            json!({"name": name, "with_batches": false}),
+        );
+        assert_eq!(c["result"], saved["subsystems"][i]["config"], "{name}");
+    }
+    let r = rpc(&t, "framework_get_config", json!({"name": "nvmf"}));
+    assert_eq!(err_code(&r), code::INVALID_PARAMS as i64);
+}
