@@ -489,9 +489,10 @@ impl Worker {
                 WorkerCmd::Start(start) => {
                     let mut q = RunningQueue::new(*start);
                     self.watch(&q, true);
-                    if self.mode != PollMode::Interrupt {
-                        q.set_notification(false);
-                    }
+                    // Interrupt mode must publish avail_event now: after a
+                    // reconnect the ring's old value may lie behind the
+                    // driver's index, and the driver would never kick.
+                    q.set_notification(self.mode == PollMode::Interrupt);
                     debug!(queue = q.index, "queue started");
                     self.queues.push(q);
                 }
