@@ -30,6 +30,7 @@ pub mod errno {
     pub const EINVAL: i32 = libc::EINVAL;
     pub const ENAMETOOLONG: i32 = libc::ENAMETOOLONG;
     pub const ESHUTDOWN: i32 = libc::ESHUTDOWN;
+    pub const EADDRINUSE: i32 = libc::EADDRINUSE;
 }
 
 /// Default number of virtqueues a controller offers (`num_queues`).
@@ -63,6 +64,10 @@ pub enum TargetError {
     InvalidName { name: String, reason: &'static str },
     #[error("socket path {0} is longer than the 107 bytes a Unix socket allows")]
     SocketPathTooLong(String),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    SocketPathTaken(String),
+    #[error("another process is serving on {0}")]
+    SocketInUse(String),
     #[error(transparent)]
     CpuMask(#[from] CpuMaskError),
     #[error("cpumask {mask} is not a subset of the application core mask {app} (-m)")]
@@ -88,6 +93,8 @@ impl TargetError {
             | TargetError::WrongBdevKind { .. } => errno::ENODEV,
             TargetError::BdevInUse { .. } => errno::EBUSY,
             TargetError::SocketPathTooLong(_) => errno::ENAMETOOLONG,
+            TargetError::SocketPathTaken(_) => errno::EEXIST,
+            TargetError::SocketInUse(_) => errno::EADDRINUSE,
             TargetError::InvalidName { .. }
             | TargetError::CpuMask(_)
             | TargetError::CpuMaskOutsideApp { .. }
@@ -378,6 +385,7 @@ impl Target {
                 socket_path.display().to_string(),
             ));
         }
+        check_socket_path_free(&socket_path)?;
         let spec = ControllerSpec {
             name: req.name.clone(),
             socket_path,
@@ -446,6 +454,22 @@ impl Target {
 impl Drop for Target {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The controller's listener replaces whatever is at its path; only a stale
+/// socket may be replaced, never a file or a socket someone is serving on.
+fn check_socket_path_free(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.file_type().is_socket() => {
+            Err(TargetError::SocketPathTaken(path.display().to_string()))
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            Err(TargetError::SocketInUse(path.display().to_string()))
+        }
+        Ok(_) => Ok(()),
     }
 }
 
@@ -730,6 +754,45 @@ mod tests {
         assert!(matches!(e, TargetError::ShuttingDown));
         let e = t.create_controller(req("vhost.0", "A")).unwrap_err();
         assert!(matches!(e, TargetError::ShuttingDown));
+    }
+
+    fn real_target(dir: &std::path::Path) -> Target {
+        Target::new(TargetSettings {
+            vhost_socket_dir: dir.to_owned(),
+            core_mask: CpuSet::parse("0x1").unwrap(),
+            default_poll_mode: PollMode::Interrupt,
+        })
+    }
+
+    #[test]
+    fn real_controller_creates_and_removes_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = real_target(dir.path());
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
+        let info = t.create_controller(req("vhost.0", "A")).unwrap();
+        let sock = dir.path().join("vhost.0");
+        assert_eq!(info.socket, sock.display().to_string());
+        assert!(sock.exists());
+        assert!(!t.controller_info("vhost.0").unwrap().connected);
+        t.delete_controller("vhost.0").unwrap();
+        assert!(!sock.exists(), "socket removed on delete");
+    }
+
+    #[test]
+    fn controller_never_replaces_a_file_or_a_live_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = real_target(dir.path());
+        t.register_bdev(FakeBdev::shared("A", "null")).unwrap();
+        std::fs::write(dir.path().join("precious"), b"data").unwrap();
+        let e = t.create_controller(req("precious", "A")).unwrap_err();
+        assert!(matches!(e, TargetError::SocketPathTaken(_)), "{e}");
+        assert_eq!(std::fs::read(dir.path().join("precious")).unwrap(), b"data");
+        let _live = std::os::unix::net::UnixListener::bind(dir.path().join("live")).unwrap();
+        let e = t.create_controller(req("live", "A")).unwrap_err();
+        assert!(matches!(e, TargetError::SocketInUse(_)), "{e}");
+        // A stale socket file is fine.
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join("stale")).unwrap());
+        t.create_controller(req("stale", "A")).unwrap();
     }
 
     #[test]
