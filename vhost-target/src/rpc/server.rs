@@ -9,6 +9,7 @@
 
 use std::cell::Cell;
 use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub enum ServerError {
 /// removes the socket file.
 pub struct RpcServer {
     path: PathBuf,
+    /// The listening socket, shared with the accept thread; shut down to
+    /// wake its blocking accept() even if the socket file was removed.
+    listener: UnixListener,
     stop: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
 }
@@ -75,6 +79,7 @@ impl RpcServer {
         let stop = Arc::new(AtomicBool::new(false));
         let accept_thread = {
             let stop = stop.clone();
+            let listener = listener.try_clone().map_err(io_err)?;
             std::thread::Builder::new()
                 .name("rpc-accept".into())
                 .spawn(move || accept_loop(listener, target, stop))
@@ -82,6 +87,7 @@ impl RpcServer {
         };
         Ok(RpcServer {
             path: path.to_owned(),
+            listener,
             stop,
             accept_thread: Some(accept_thread),
         })
@@ -102,8 +108,15 @@ impl RpcServer {
             return;
         };
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept().
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept(): on Linux, shutdown(2) of a listening
+        // socket makes accept() fail with EINVAL.
+        // SAFETY: the fd is the listening socket we own (self.listener), open
+        // until self is dropped; shutdown does not close it.
+        let rc = unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if rc != 0 {
+            // Fall back to a connection, which wakes accept() as well.
+            let _ = UnixStream::connect(&self.path);
+        }
         let _ = thread.join();
         let _ = std::fs::remove_file(&self.path);
     }

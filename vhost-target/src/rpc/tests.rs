@@ -514,3 +514,23 @@ fn framework_get_config_matches_save_config() {
     let r = rpc(&t, "framework_get_config", json!({"name": "nvmf"}));
     assert_eq!(err_code(&r), code::INVALID_PARAMS as i64);
 }
+
+#[test]
+fn server_shuts_down_even_if_its_socket_file_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rpc.sock");
+    let srv = server::RpcServer::start(&path, std::sync::Arc::new(shared())).unwrap();
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}"#)
+        .unwrap();
+    assert_eq!(read_one(&mut c)["id"], 1);
+    std::fs::remove_file(&path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        srv.shutdown();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("shutdown returns");
+}
