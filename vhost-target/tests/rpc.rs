@@ -301,6 +301,26 @@ fn sigterm_stops_cleanly_and_removes_the_socket() {
 }
 
 #[test]
+fn spdk_kill_instance_stops_the_daemon_cleanly() {
+    let mut d = Daemon::start(&[]);
+    let mut c = d.connect();
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": "spdk_kill_instance",
+                     "params": {"sig_name": "SIGTERM"}});
+    c.write_all(req.to_string().as_bytes()).unwrap();
+    let mut child = d.child.take().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}\n{}", d.log());
+    assert!(!d.rpc.exists());
+}
+
+#[test]
 fn config_with_unknown_method_fails_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.json");

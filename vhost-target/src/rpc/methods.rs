@@ -24,6 +24,7 @@ const METHODS: &[(&str, Handler)] = &[
     ("rpc_get_methods", rpc_get_methods),
     ("spdk_get_version", spdk_get_version),
     ("framework_wait_init", framework_wait_init),
+    ("spdk_kill_instance", spdk_kill_instance),
     ("framework_get_subsystems", framework_get_subsystems),
     ("framework_get_config", framework_get_config),
     ("save_config", save_config),
@@ -135,6 +136,33 @@ fn spdk_get_version(_t: &mut Target, p: Value) -> Result<Value, RpcError> {
 fn framework_wait_init(_t: &mut Target, p: Value) -> Result<Value, RpcError> {
     // The RPC socket only opens once start-up (config replay) is done.
     let NoParams {} = parse(p)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillParams {
+    sig_name: String,
+}
+
+/// Stops the daemon the way SPDK's test scripts do: the signal goes to this
+/// process, where `serve` waits for it and shuts down gracefully.
+fn spdk_kill_instance(_t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let KillParams { sig_name } = parse(p)?;
+    let sig = match sig_name.as_str() {
+        "SIGINT" => libc::SIGINT,
+        "SIGTERM" => libc::SIGTERM,
+        other => {
+            return Err(einval(format!(
+                "sig_name {other:?}: only SIGINT and SIGTERM stop the target"
+            )))
+        }
+    };
+    tracing::info!(signal = %sig_name, "spdk_kill_instance");
+    // SAFETY: kill(2) with our own pid and a valid signal number.
+    if unsafe { libc::kill(libc::getpid(), sig) } != 0 {
+        return Err(RpcError::internal(std::io::Error::last_os_error()));
+    }
     Ok(json!(true))
 }
 

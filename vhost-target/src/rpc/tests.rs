@@ -534,3 +534,14 @@ fn server_shuts_down_even_if_its_socket_file_was_removed() {
     rx.recv_timeout(Duration::from_secs(10))
         .expect("shutdown returns");
 }
+
+#[test]
+fn kill_instance_accepts_only_stopping_signals() {
+    let t = shared();
+    // SIGINT/SIGTERM are covered by the multi-process tests: here they would
+    // stop the test runner.
+    let r = rpc(&t, "spdk_kill_instance", json!({"sig_name": "SIGKILL"}));
+    assert_eq!(err_code(&r), -22);
+    let r = rpc(&t, "spdk_kill_instance", json!({}));
+    assert_eq!(err_code(&r), code::INVALID_PARAMS as i64);
+}
