@@ -146,43 +146,44 @@ pub fn load_str(text: &str, origin: &str, target: &mut Target) -> Result<(), Con
             );
         }
     }
-    for (subsystem, allowed) in SUBSYSTEMS {
-        let calls = file
-            .subsystems
-            .iter()
-            .filter(|s| s.subsystem == *subsystem)
-            .flat_map(|s| s.config.iter().flatten())
-            .flat_map(ConfigElem::calls);
-        for c in calls {
-            if IGNORED_METHODS.contains(&c.method.as_str()) {
-                tracing::warn!(config = origin, method = %c.method, "skipping option method that Tandem does not have");
-                continue;
-            }
-            if !allowed.contains(&c.method.as_str()) {
-                return Err(ConfigError::UnknownMethod {
+    // Check every method before running any, so a bad file creates nothing.
+    let plan: Vec<&MethodCall> = SUBSYSTEMS
+        .iter()
+        .flat_map(|(subsystem, allowed)| {
+            file.subsystems
+                .iter()
+                .filter(move |s| s.subsystem == *subsystem)
+                .flat_map(|s| s.config.iter().flatten())
+                .flat_map(ConfigElem::calls)
+                .map(move |c| (*subsystem, *allowed, c))
+        })
+        .map(|(subsystem, allowed, c)| {
+            if IGNORED_METHODS.contains(&c.method.as_str()) || allowed.contains(&c.method.as_str())
+            {
+                Ok(c)
+            } else {
+                Err(ConfigError::UnknownMethod {
                     path: origin.to_owned(),
-                    subsystem: (*subsystem).to_owned(),
+                    subsystem: subsystem.to_owned(),
                     method: c.method.clone(),
-                });
+                })
             }
-            rpc::call(target, &c.method, c.params.clone()).map_err(|source| {
-                ConfigError::Method {
-                    path: origin.to_owned(),
-                    method: c.method.clone(),
-                    source,
-                }
-            })?;
-            if c.method == "vhost_create_blk_controller" {
-                if let Some(name) = c
-                    .params
-                    .as_ref()
-                    .and_then(|p| p.get("ctrlr"))
-                    .and_then(Value::as_str)
-                {
-                    tracing::debug!(config = origin, ctrlr = name, "controller from config");
-                }
-            }
+        })
+        .collect::<Result<_, _>>()?;
+    for c in plan {
+        if IGNORED_METHODS.contains(&c.method.as_str()) {
+            tracing::warn!(
+                config = origin,
+                method = %c.method,
+                "skipping option method that Tandem does not have"
+            );
+            continue;
         }
+        rpc::call(target, &c.method, c.params.clone()).map_err(|source| ConfigError::Method {
+            path: origin.to_owned(),
+            method: c.method.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -271,9 +272,16 @@ mod tests {
     #[test]
     fn unknown_method_in_known_subsystem_names_method_and_file() {
         let mut t = target();
-        let text = r#"{"subsystems": [{"subsystem": "bdev", "config": [
-            {"method": "bdev_lvol_create", "params": {}}]}]}"#;
+        t.register_bdev(FakeBdev::shared("Malloc0", "malloc"))
+            .unwrap();
+        let text = r#"{"subsystems": [
+            {"subsystem": "vhost_blk", "config": [
+                {"method": "vhost_create_blk_controller",
+                 "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0"}}]},
+            {"subsystem": "bdev", "config": [
+                {"method": "bdev_lvol_create", "params": {}}]}]}"#;
         let e = load_str(text, "my.json", &mut t).unwrap_err();
+        assert!(t.controllers().is_empty(), "nothing runs before the check");
         let msg = e.to_string();
         assert!(
             msg.contains("bdev_lvol_create") && msg.contains("my.json"),
