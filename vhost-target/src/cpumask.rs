@@ -68,10 +68,26 @@ impl CpuSet {
         Ok(CpuSet(cpus))
     }
 
-    /// Every CPU this process may run on.
+    /// Every CPU this process may run on: its affinity mask, so a daemon
+    /// confined to CPUs 2-3 (taskset, cgroups) defaults to those.
     pub fn online() -> Self {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        CpuSet((0..n).collect())
+        // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; 0 means this thread.
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        let cpus: Vec<usize> = if rc == 0 {
+            // SAFETY: CPU_ISSET reads the set we own, for indices below CPU_SETSIZE.
+            (0..MAX_CPUS.min(libc::CPU_SETSIZE as usize))
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if cpus.is_empty() {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            return CpuSet((0..n).collect());
+        }
+        CpuSet(cpus)
     }
 
     pub fn cpus(&self) -> &[usize] {
@@ -144,5 +160,13 @@ mod tests {
             Err(CpuMaskError::TooLarge(..))
         ));
         assert!(matches!(CpuSet::parse(""), Err(CpuMaskError::Syntax(_))));
+    }
+
+    #[test]
+    fn online_set_is_this_process_affinity() {
+        let online = CpuSet::online();
+        assert!(!online.cpus().is_empty());
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(online.cpus().len(), n);
     }
 }
