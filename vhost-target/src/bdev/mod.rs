@@ -13,6 +13,10 @@
 pub mod iostat;
 pub mod malloc;
 pub mod null;
+pub mod params;
+pub mod sync_channel;
+#[cfg(test)]
+mod test_util;
 pub mod uring;
 
 use std::os::fd::RawFd;
@@ -78,11 +82,15 @@ pub enum BdevError {
 pub enum IoOp {
     Read,
     /// `fua`: durable when completed (the guest turned the write cache off).
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
     Discard,
     /// `unmap`: the bdev may deallocate the range instead of writing zeroes.
-    WriteZeroes { unmap: bool },
+    WriteZeroes {
+        unmap: bool,
+    },
 }
 
 /// One request handed to an [`IoChannel`].
