@@ -118,10 +118,8 @@ mod tests {
         ] {
             let len = if op == IoOp::Flush { 0 } else { 4096 };
             // SAFETY: no iovecs.
-            assert_eq!(
-                unsafe { run(ch.as_mut(), &ranged(op, 512, len)) },
-                Ok(Ok(()))
-            );
+            let r = unsafe { run(ch.as_mut(), &ranged(op, 512, len)) };
+            assert_eq!(r, Ok(Ok(())));
         }
     }
 
