@@ -1330,4 +1330,66 @@ mod tests {
             data.as_slice()
         );
     }
+
+    /// Detaches the loop device when the test ends, pass or fail.
+    struct LoopDevice(String);
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    /// Needs root and loop devices: `cargo test -p vhost-target --lib
+    /// block_device -- --ignored`.
+    #[test]
+    #[ignore = "needs root and a free loop device"]
+    fn block_device_takes_its_geometry_from_the_kernel() {
+        let dir = disk_dir();
+        let img = make_file(dir.path(), "img", 8 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "-b", "4096"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {out:?}");
+        let dev = LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_owned());
+        let path = PathBuf::from(&dev.0);
+
+        let e = open_err(UringOptions {
+            block_size: Some(512),
+            ..opts(&path)
+        });
+        assert!(e.contains("smaller than the logical block size"), "{e}");
+
+        let bdev = UringBdev::open(opts(&path)).unwrap();
+        let info = bdev.info();
+        assert_eq!((info.block_size, info.num_blocks), (4096, 2048));
+        assert!(!info.caps.discard && info.caps.write_zeroes);
+        assert!(bdev.uses_direct_io());
+        let mut ch = bdev.open_channel(4).unwrap();
+        let mut data = AlignedBuf::pattern(3 * 4096, 9);
+        write_ok(ch.as_mut(), 4096, &mut data);
+        assert_eq!(
+            read_ok(ch.as_mut(), 4096, 3 * 4096).as_slice(),
+            data.as_slice()
+        );
+        // SAFETY: no iovecs.
+        let r = unsafe {
+            run(
+                ch.as_mut(),
+                &ranged(IoOp::WriteZeroes { unmap: true }, 8192, 4096),
+            )
+        };
+        assert_eq!(r, Ok(Ok(())));
+        let back = read_ok(ch.as_mut(), 4096, 3 * 4096);
+        assert_eq!(&back.as_slice()[..4096], &data.as_slice()[..4096]);
+        assert!(back.as_slice()[4096..8192].iter().all(|&b| b == 0));
+        assert_eq!(&back.as_slice()[8192..], &data.as_slice()[8192..]);
+        // SAFETY: no iovecs.
+        let r = unsafe { run(ch.as_mut(), &ranged(IoOp::Flush, 0, 0)) };
+        assert_eq!(r, Ok(Ok(())));
+    }
 }
