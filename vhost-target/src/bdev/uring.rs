@@ -939,6 +939,39 @@ mod tests {
     }
 
     #[test]
+    fn direct_io_refusing_an_alignment_falls_back_to_the_buffered_file() {
+        let dir = disk_dir();
+        let bdev = open_file(dir.path(), 1 << 20);
+        assert!(bdev.uses_direct_io());
+        let mut ch = UringChannel::new(&bdev, 4).unwrap();
+        // Pretend O_DIRECT takes any alignment, so a misaligned request goes
+        // there, gets EINVAL, and must be retried buffered.
+        ch.files.mem_mask = 0;
+        ch.files.offset_mask = 0;
+        let mut src = AlignedBuf::pattern(4096, 10);
+        let iovs = [src.iov(1, 512)];
+        // SAFETY: `src` outlives the call.
+        let r = unsafe { run(&mut ch, &io(IoOp::Write { fua: false }, 512, &iovs)) };
+        assert_eq!(r, Ok(Ok(())));
+        let back = read_ok(&mut ch, 512, 512);
+        assert_eq!(back.as_slice(), &src.as_slice()[1..513]);
+    }
+
+    #[test]
+    fn buffered_only_file_serves_every_request() {
+        let dir = disk_dir();
+        let mut bdev = open_file(dir.path(), 1 << 20);
+        // What open() leaves when O_DIRECT is unavailable (older tmpfs, some
+        // FUSE and network file systems).
+        Arc::get_mut(&mut bdev.files).unwrap().direct = None;
+        assert!(!bdev.uses_direct_io());
+        let mut ch = bdev.open_channel(4).unwrap();
+        let mut data = AlignedBuf::pattern(8192, 11);
+        write_ok(ch.as_mut(), 4096, &mut data);
+        assert_eq!(read_ok(ch.as_mut(), 4096, 8192).as_slice(), data.as_slice());
+    }
+
+    #[test]
     fn chains_longer_than_iov_max_are_sent_in_pieces() {
         let dir = disk_dir();
         let bdev = open_file(dir.path(), 4 << 20);
