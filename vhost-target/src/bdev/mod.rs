@@ -13,6 +13,10 @@
 pub mod iostat;
 pub mod malloc;
 pub mod null;
+pub mod params;
+pub mod sync_channel;
+#[cfg(test)]
+mod test_util;
 pub mod uring;
 
 use std::os::fd::RawFd;
