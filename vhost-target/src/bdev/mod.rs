@@ -106,8 +106,8 @@ pub struct BdevIo {
     pub op: IoOp,
     /// Byte offset; a multiple of the block size (the caller checks range and alignment).
     pub offset: u64,
-    /// Byte length; a multiple of the block size. For Read/Write it equals the
-    /// sum of the iovec lengths. Zero for Flush.
+    /// Byte length; a multiple of the block size. For Read/Write it must equal
+    /// the sum of the iovec lengths (bdevs refuse anything else). Zero for Flush.
     pub len: u64,
     pub iovs: *const libc::iovec,
     pub iovcnt: u32,
@@ -161,8 +161,11 @@ pub trait IoChannel: Send {
     /// Delivers finished requests to `done`; returns how many.
     fn poll(&mut self, done: &mut dyn FnMut(Completion)) -> usize;
 
-    /// A file descriptor that becomes readable when completions are waiting,
-    /// so an idle worker can sleep on it. `None`: completions only ever appear
+    /// An eventfd that becomes readable when completions are waiting, so an
+    /// idle worker can sleep on it. The caller's protocol: `poll`; if nothing
+    /// came, wait for the fd; on wake read (reset) the eventfd, then `poll`.
+    /// A completion that lands between `poll` and the wait leaves the fd
+    /// readable, so none is slept through. `None`: completions only ever appear
     /// as a result of `submit`/`poll` on this thread (null, malloc).
     fn completion_fd(&self) -> Option<RawFd> {
         None
