@@ -63,6 +63,7 @@ base=$("$here/build-initramfs.sh" "${fio_flag[@]}" "$cache")
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tandem-guest.XXXXXX")
 qemu_pid=
+# shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     if [[ -n "$qemu_pid" ]] && kill -0 "$qemu_pid" 2>/dev/null; then
         kill "$qemu_pid" 2>/dev/null || true
