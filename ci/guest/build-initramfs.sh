@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Build the tiny initramfs the guest tests and benches boot.
 #
 #   ci/guest/build-initramfs.sh [--fio] OUTDIR
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=ci/guest/lib.sh
+# shellcheck source=lib.sh
 source "$here/lib.sh"
 
 with_fio=0
@@ -147,4 +148,6 @@ chmod 755 "$stage/init"
 tmp_out="$out.tmp.$$"
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) | gzip -1 >"$tmp_out"
 mv "$tmp_out" "$out"
+# Drop stale images of this variant (older inputs); the new one is all that is used.
+find "$outdir" -maxdepth 1 -name "initramfs-$variant-*.cpio.gz" ! -path "$out" -delete
 echo "$out"

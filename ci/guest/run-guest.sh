@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Boot the test guest once, run a script in it, and return the script's exit status.
 #
 #   ci/guest/run-guest.sh --script FILE [options]
@@ -26,7 +27,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-# shellcheck source=ci/guest/lib.sh
+# shellcheck source=lib.sh
 source "$here/lib.sh"
 
 script=
