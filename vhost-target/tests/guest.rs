@@ -140,8 +140,24 @@ impl ChildGuard {
 }
 
 impl Drop for ChildGuard {
+    /// SIGTERM first, so run-guest.sh's trap takes QEMU down with it and servers exit
+    /// cleanly; SIGKILL if the child is still there after a few seconds.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+                // SAFETY: kill(2) with the pid of our own child, which has not been reaped
+                // (try_wait returned None), so the pid cannot have been reused.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -299,6 +315,7 @@ fn run_guest(dir: &Path, socket: &Path, script: &str) -> Result<HashMap<String, 
     let script_path = dir.join("guest-script.sh");
     std::fs::write(&script_path, script)?;
     let log = dir.join("console.log");
+    let stderr_path = dir.join("run-guest.stderr");
     let runner = repo_root().join("ci/guest/run-guest.sh");
     let start = Instant::now();
     let mut child = ChildGuard::spawn(
@@ -313,24 +330,19 @@ fn run_guest(dir: &Path, socket: &Path, script: &str) -> Result<HashMap<String, 
             .arg("--log")
             .arg(&log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
+            .stderr(File::create(&stderr_path)?),
     )?;
     // run-guest.sh enforces GUEST_TIMEOUT on QEMU itself; read its output to the end.
+    // (Its stderr goes to a file, so neither pipe can fill up while the other is read.)
     let mut stdout = String::new();
-    let mut stderr = String::new();
     child
         .child
         .stdout
         .take()
         .expect("piped")
         .read_to_string(&mut stdout)?;
-    child
-        .child
-        .stderr
-        .take()
-        .expect("piped")
-        .read_to_string(&mut stderr)?;
     let status = child.child.wait()?;
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     eprintln!(
         "guest finished in {:.1}s: {}\n--- guest output ---\n{stdout}--- end ---",
         start.elapsed().as_secs_f64(),
