@@ -48,10 +48,13 @@ fi
 
 # Modules: what modprobe would insmod for virtio_blk and virtio_pci, deduplicated, in order.
 # Built-in drivers show up as "builtin ..." lines and need nothing.
-# (One module per modprobe call: further arguments would be taken as module parameters.)
+# (One module per modprobe call: further arguments would be taken as module parameters.
+# modprobe lives in /usr/sbin, which a non-root PATH may lack.)
+modprobe=$(PATH=$PATH:/usr/sbin:/sbin command -v modprobe || true)
+[[ -n "$modprobe" ]] || { echo "modprobe not found: apt-get install kmod" >&2; exit 1; }
 mapfile -t modules < <(
     for m in virtio_pci virtio_blk; do
-        modprobe -S "$kver" --show-depends "$m"
+        "$modprobe" -S "$kver" --show-depends "$m"
     done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }'
 )
 [[ ${#modules[@]} -gt 0 ]] || echo "note: virtio drivers are all built into $kver" >&2
