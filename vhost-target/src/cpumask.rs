@@ -123,10 +123,7 @@ mod tests {
     fn hex_and_list_forms_agree() {
         assert_eq!(CpuSet::parse("0x5").unwrap().cpus(), &[0, 2]);
         assert_eq!(CpuSet::parse("5").unwrap().cpus(), &[0, 2]);
-        assert_eq!(
-            CpuSet::parse("[0,2]").unwrap(),
-            CpuSet::parse("0x5").unwrap()
-        );
+        assert_eq!(CpuSet::parse("[0,2]").unwrap(), CpuSet::parse("0x5").unwrap());
         assert_eq!(CpuSet::parse("[1-3]").unwrap().cpus(), &[1, 2, 3]);
         assert_eq!(CpuSet::parse("0x30").unwrap().to_string(), "0x30");
     }
@@ -135,14 +132,8 @@ mod tests {
     fn bad_masks_are_errors() {
         assert!(matches!(CpuSet::parse("0x0"), Err(CpuMaskError::Empty(_))));
         assert!(matches!(CpuSet::parse("zz"), Err(CpuMaskError::Syntax(_))));
-        assert!(matches!(
-            CpuSet::parse("[3-1]"),
-            Err(CpuMaskError::Syntax(_))
-        ));
-        assert!(matches!(
-            CpuSet::parse("[5000]"),
-            Err(CpuMaskError::TooLarge(..))
-        ));
+        assert!(matches!(CpuSet::parse("[3-1]"), Err(CpuMaskError::Syntax(_))));
+        assert!(matches!(CpuSet::parse("[5000]"), Err(CpuMaskError::TooLarge(..))));
         assert!(matches!(CpuSet::parse(""), Err(CpuMaskError::Syntax(_))));
     }
 }

@@ -78,15 +78,11 @@ pub enum BdevError {
 pub enum IoOp {
     Read,
     /// `fua`: durable when completed (the guest turned the write cache off).
-    Write {
-        fua: bool,
-    },
+    Write { fua: bool },
     Flush,
     Discard,
     /// `unmap`: the bdev may deallocate the range instead of writing zeroes.
-    WriteZeroes {
-        unmap: bool,
-    },
+    WriteZeroes { unmap: bool },
 }
 
 /// One request handed to an [`IoChannel`].

@@ -10,8 +10,5 @@ pub struct LoadgenArgs {
 
 /// Runs the load generator as `vhost-target loadgen` does.
 pub fn run(args: &LoadgenArgs) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "load generator not built yet (socket {})",
-        args.socket.display()
-    )
+    anyhow::bail!("load generator not built yet (socket {})", args.socket.display())
 }

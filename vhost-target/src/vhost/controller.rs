@@ -46,9 +46,7 @@ pub struct Controller {
 impl Controller {
     pub fn start(spec: ControllerSpec) -> Result<Controller, VhostError> {
         let _ = spec;
-        Err(VhostError::Worker(
-            "vhost-user backend not built yet".into(),
-        ))
+        Err(VhostError::Worker("vhost-user backend not built yet".into()))
     }
 
     pub fn name(&self) -> &str {
