@@ -473,7 +473,6 @@ fn guest_disk_io_through_qemu_storage_daemon() -> Result<()> {
 }
 
 #[test]
-#[ignore = "enable when vhost-target serves"]
 fn guest_disk_io_through_vhost_target() -> Result<()> {
     if !guest_available(None)? {
         return Ok(());
