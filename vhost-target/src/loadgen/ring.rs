@@ -202,9 +202,8 @@ impl SplitQueue {
         }
         // Table indices of the chain, in order; kept on the stack (no allocation).
         let base = self.free.len() - n;
-        for i in 0..n {
+        for (i, &d) in descs.iter().enumerate() {
             let idx = self.free[self.free.len() - 1 - i];
-            let d = descs[i];
             let next = if (d.next as usize) < n {
                 self.free[self.free.len() - 1 - d.next as usize]
             } else {

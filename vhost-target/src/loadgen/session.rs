@@ -343,7 +343,6 @@ impl Session {
                 userspace_addr: mem.user_addr_of_offset(r.fd_offset),
                 mmap_offset: r.fd_offset,
                 mmap_handle: mem.fd().as_raw_fd(),
-                ..Default::default()
             })
             .collect();
         if opts.mem_slots {
