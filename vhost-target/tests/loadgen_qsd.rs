@@ -320,3 +320,56 @@ fn verified_random_writes_read_back() {
         assert_eq!((r.errors, r.verify_failures), (0, 0), "{r:?}");
     }
 }
+
+#[test]
+fn ring_indices_wrap_past_65535_with_the_backend() {
+    if !qsd_available() {
+        return;
+    }
+    let qsd = start_qsd(1);
+    for event_idx in [true, false] {
+        let mut s = Session::connect(
+            &qsd.sock,
+            SessionOptions {
+                vring_base: 0xff80,
+                queue_size: 64,
+                event_idx,
+                ..opts()
+            },
+        )
+        .unwrap();
+        // 300 requests from 0xff80: the avail and used indices cross 65535 -> 0.
+        for i in 0..150u64 {
+            let data = pattern(4096, i as u8);
+            s.write(i * 4096, &data).unwrap();
+            let mut back = vec![0u8; 4096];
+            s.read(i * 4096, &mut back).unwrap();
+            assert_eq!(back, data, "request {i}");
+        }
+    }
+}
+
+#[test]
+fn raw_chain_helper_builds_a_valid_request() {
+    if !qsd_available() {
+        return;
+    }
+    let qsd = start_qsd(1);
+    let mut s = Session::connect(&qsd.sock, opts()).unwrap();
+    let mut q = s.raw_queue(0).unwrap();
+    let hdr = q.alloc_header(blk::VIRTIO_BLK_T_GET_ID, 0).unwrap();
+    let id = q.alloc(20, 0).unwrap();
+    let st = q.alloc_status().unwrap();
+    let chain = RawDesc::chain(&[
+        (hdr, 16, 0),
+        (id, 20, VIRTQ_DESC_F_WRITE),
+        (st, 1, VIRTQ_DESC_F_WRITE),
+    ]);
+    let head = q.submit_chain(&chain).unwrap();
+    let (got, _) = q
+        .wait_used(Duration::from_secs(5))
+        .unwrap()
+        .expect("completion");
+    assert_eq!(got, u32::from(head));
+    assert_eq!(q.read_status(st).unwrap(), blk::VIRTIO_BLK_S_OK);
+}

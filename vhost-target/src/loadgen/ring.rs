@@ -375,6 +375,10 @@ impl SplitQueue {
         self.last_used = idx;
         self.u16_at(self.avail, 2).store(idx, Ordering::Relaxed);
         self.u16_at(self.used, 2).store(idx, Ordering::Relaxed);
+        // As a device that has drained the ring up to `idx` would have left it; a zero
+        // here would suppress the first kick after a nonzero base.
+        self.u16_at(self.used, 4 + 8 * self.size as usize)
+            .store(idx, Ordering::Relaxed);
         self.update_used_event();
     }
 

@@ -108,6 +108,8 @@ pub struct SessionOptions {
     pub event_idx: bool,
     /// Timeout of the synchronous block API.
     pub timeout: Duration,
+    /// Initial ring index (`SET_VRING_BASE`); near 65535 tests the backend's wraparound.
+    pub vring_base: u16,
 }
 
 impl Default for SessionOptions {
@@ -120,6 +122,7 @@ impl Default for SessionOptions {
             mem_slots: false,
             event_idx: true,
             timeout: Duration::from_secs(10),
+            vring_base: 0,
         }
     }
 }
@@ -362,11 +365,12 @@ impl Session {
 
         let mut queues = Vec::with_capacity(nq as usize);
         for i in 0..nq {
-            let ring = SplitQueue::new(
+            let mut ring = SplitQueue::new(
                 mem.clone(),
                 opts.queue_size,
                 features & VIRTIO_RING_F_EVENT_IDX != 0,
             )?;
+            ring.set_base(opts.vring_base);
             let q = Queue {
                 kick: EventFd::new(EFD_NONBLOCK).map_err(LoadgenError::EventFd)?,
                 call: EventFd::new(EFD_NONBLOCK).map_err(LoadgenError::EventFd)?,
@@ -376,7 +380,7 @@ impl Session {
             let idx = i as usize;
             let ua = q.ring.user_addrs();
             fe.set_vring_num(idx, opts.queue_size)?;
-            fe.set_vring_base(idx, 0)?;
+            fe.set_vring_base(idx, opts.vring_base)?;
             fe.set_vring_addr(
                 idx,
                 &VringConfigData {
@@ -607,6 +611,28 @@ pub struct RawDesc {
     pub flags: u16,
     /// See the type's documentation.
     pub next: u16,
+}
+
+impl RawDesc {
+    /// A chain of `(addr, len, flags)` with `VIRTQ_DESC_F_NEXT` and `next` filled in (the
+    /// last one without `NEXT`). Edit the result to break it.
+    pub fn chain(parts: &[(u64, u32, u16)]) -> Vec<RawDesc> {
+        let n = parts.len();
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| RawDesc {
+                addr,
+                len,
+                flags: if i + 1 < n {
+                    flags | super::ring::VIRTQ_DESC_F_NEXT
+                } else {
+                    flags
+                },
+                next: if i + 1 < n { (i + 1) as u16 } else { 0 },
+            })
+            .collect()
+    }
 }
 
 /// Malicious-guest access to one queue: lay out any chain, publish it, wait for the used
