@@ -125,7 +125,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+/// A CPU list (`1`, `1,3`, `2-5`). A newtype, because clap takes a bare `Vec` for an
+/// argument that repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
     let mut out = Vec::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
@@ -136,7 +141,10 @@ fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
             out.push(part.parse().map_err(|_| format!("bad cpu {part:?}"))?);
         }
     }
-    Ok(out)
+    if out.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    Ok(CpuList(out))
 }
 
 /// Command-line arguments of `vhost-target loadgen`.
@@ -159,7 +167,7 @@ pub struct LoadgenArgs {
     pub queues: u16,
     /// CPUs to pin queue threads to, round robin (e.g. `1` or `1,3` or `2-5`).
     #[arg(long, value_parser = parse_cpus)]
-    pub cpus: Option<Vec<usize>>,
+    pub cpus: Option<CpuList>,
     /// How long to run (`10s`, `500ms`, `1m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub runtime: Duration,
@@ -326,7 +334,7 @@ pub fn run_job(args: &LoadgenArgs) -> anyhow::Result<Report> {
                 let cpu = args
                     .cpus
                     .as_ref()
-                    .and_then(|c| c.get(i % c.len().max(1)).copied());
+                    .and_then(|c| c.0.get(i % c.0.len()).copied());
                 let nq = u32::from(args.queues);
                 scope.spawn(move || -> anyhow::Result<(Queue, JobResult)> {
                     if let Some(cpu) = cpu {
@@ -394,6 +402,63 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_cpus("1,3-5").unwrap(), vec![1, 3, 4, 5]);
+        assert_eq!(parse_cpus("1,3-5").unwrap(), CpuList(vec![1, 3, 4, 5]));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    #[test]
+    fn command_line_parses_every_flag() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "--socket",
+            "/s",
+            "--rw",
+            "randrw",
+            "--bs",
+            "128k",
+            "--iodepth",
+            "4",
+            "--queues",
+            "2",
+            "--cpus",
+            "1,3",
+            "--runtime",
+            "2s",
+            "--ios",
+            "10",
+            "--size",
+            "1g",
+            "--poll",
+            "false",
+            "--rwmixread",
+            "70",
+            "--verify",
+            "--queue-size",
+            "64",
+            "--mem-slots",
+            "--regions",
+            "2",
+            "--no-event-idx",
+            "--seed",
+            "9",
+            "--json",
+        ])
+        .unwrap();
+        let a = cli.args;
+        assert_eq!(a.rw, RwMode::Randrw);
+        assert_eq!(a.bs, 128 << 10);
+        assert_eq!(a.cpus, Some(CpuList(vec![1, 3])));
+        assert!(!a.poll && a.verify && a.mem_slots && a.no_event_idx && a.json);
+        let d = Cli::try_parse_from(["loadgen", "--socket", "/s"])
+            .unwrap()
+            .args;
+        assert!(d.poll);
+        assert_eq!((d.bs, d.iodepth, d.queues), (4096, 32, 1));
     }
 }
