@@ -152,12 +152,16 @@ run_tandem() {
     wait_for_socket "$rpc"
     "$bin" rpc -s "$rpc" bdev_null_create name=Null0 num_blocks=$null_blocks block_size=512 >/dev/null
     "$bin" rpc -s "$rpc" bdev_uring_create name=Uring0 filename="$bench_file" block_size=512 >/dev/null
-    "$bin" rpc -s "$rpc" vhost_create_blk_controller ctrlr=vhost.null dev_name=Null0 cpumask=0x1 >/dev/null
-    "$bin" rpc -s "$rpc" vhost_create_blk_controller ctrlr=vhost.file dev_name=Uring0 cpumask=0x1 >/dev/null
-    wait_for_socket "$work/vhost/vhost.null"
-    wait_for_socket "$work/vhost/vhost.file"
-    run_jobs tandem null "$work/vhost/vhost.null"
-    run_jobs tandem file "$work/vhost/vhost.file"
+    # One controller at a time: with polled workers, an idle controller on CPU 0 would
+    # still take CPU 0 cycles from the one being measured.
+    local dev bdev
+    for dev in null file; do
+        case "$dev" in null) bdev=Null0 ;; file) bdev=Uring0 ;; esac
+        "$bin" rpc -s "$rpc" vhost_create_blk_controller ctrlr=vhost.$dev dev_name=$bdev cpumask=0x1 >/dev/null
+        wait_for_socket "$work/vhost/vhost.$dev"
+        run_jobs tandem $dev "$work/vhost/vhost.$dev"
+        "$bin" rpc -s "$rpc" vhost_delete_controller ctrlr=vhost.$dev >/dev/null
+    done
     stop_server
 }
 
