@@ -11,6 +11,7 @@
 
 pub mod controller;
 pub mod handler;
+pub mod used_ring;
 pub mod worker;
 
 use std::fmt;
