@@ -231,7 +231,13 @@ fn every_bad_request_class_gets_its_status_is_counted_and_the_queue_serves_on() 
             name: "zero-length status descriptor",
             expect: None,
         },
-        &|h, st| vec![d(h, 16, r, 1), d(buf, 4096, w, 2), d(st, 0, VIRTQ_DESC_F_WRITE, 0)],
+        &|h, st| {
+            vec![
+                d(h, 16, r, 1),
+                d(buf, 4096, w, 2),
+                d(st, 0, VIRTQ_DESC_F_WRITE, 0),
+            ]
+        },
         blk::VIRTIO_BLK_T_IN,
         0,
     );
@@ -317,14 +323,21 @@ fn every_bad_request_class_gets_its_status_is_counted_and_the_queue_serves_on() 
     assert_eq!(q.read_status(st).unwrap(), blk::VIRTIO_BLK_S_OK);
     let mut back = vec![0u8; 4096];
     q.mem().read(buf, &mut back).unwrap();
-    assert_eq!(back, data, "the good read after the bad head returns the data");
+    assert_eq!(
+        back, data,
+        "the good read after the bad head returns the data"
+    );
     drop(q);
 
     // The queue still serves ordinary I/O, and the daemon counted every bad request.
     let mut back = vec![0u8; 4096];
     s.read(8192, &mut back).unwrap();
     assert_eq!(back, data);
-    assert_eq!(t.bad_requests("vhost.0"), cases.len() as u64 + 1, "{cases:?}");
+    assert_eq!(
+        t.bad_requests("vhost.0"),
+        cases.len() as u64 + 1,
+        "{cases:?}"
+    );
 }
 
 #[test]
@@ -450,7 +463,10 @@ fn read_only_controller_offers_ro_and_refuses_writes() {
     s.read(0, &mut buf).unwrap();
     let e = s.write(0, &buf).unwrap_err();
     assert!(
-        matches!(e, vhost_target::loadgen::LoadgenError::Status(blk::VIRTIO_BLK_S_IOERR)),
+        matches!(
+            e,
+            vhost_target::loadgen::LoadgenError::Status(blk::VIRTIO_BLK_S_IOERR)
+        ),
         "{e}"
     );
     assert_eq!(t.bad_requests("vhost.ro"), 1);

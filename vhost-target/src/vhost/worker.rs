@@ -331,9 +331,8 @@ impl RunningQueue {
                 }
             }
         }
-        drop(avail);
         if n > 0 {
-            self.channel.kick();
+            channel.kick();
         }
         n
     }
