@@ -16,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
 use vhost_target::loadgen::{
     blk, features, run_job, LoadgenArgs, RawDesc, RwMode, Session, SessionOptions,
     VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -366,6 +369,35 @@ fn mem_slots_two_regions_and_reconnect_reach_the_file() {
         )
         .unwrap();
         assert_eq!(s.capacity_bytes(), 16 << 20);
+        // What a uring bdev's controller offers (issue 2's feature list).
+        let offered = s.frontend().get_features().unwrap();
+        for (name, bit) in [
+            ("VERSION_1", features::VIRTIO_F_VERSION_1),
+            ("RING_INDIRECT_DESC", features::VIRTIO_RING_F_INDIRECT_DESC),
+            ("RING_EVENT_IDX", features::VIRTIO_RING_F_EVENT_IDX),
+            ("BLK_SIZE", features::VIRTIO_BLK_F_BLK_SIZE),
+            ("SEG_MAX", features::VIRTIO_BLK_F_SEG_MAX),
+            ("SIZE_MAX", features::VIRTIO_BLK_F_SIZE_MAX),
+            ("TOPOLOGY", features::VIRTIO_BLK_F_TOPOLOGY),
+            ("FLUSH", features::VIRTIO_BLK_F_FLUSH),
+            ("CONFIG_WCE", features::VIRTIO_BLK_F_CONFIG_WCE),
+            ("DISCARD", features::VIRTIO_BLK_F_DISCARD),
+            ("WRITE_ZEROES", features::VIRTIO_BLK_F_WRITE_ZEROES),
+            ("MQ", features::VIRTIO_BLK_F_MQ),
+        ] {
+            assert_ne!(offered & bit, 0, "{name} not offered: {offered:#x}");
+        }
+        assert_eq!(
+            offered & features::VIRTIO_BLK_F_RO,
+            0,
+            "RO on a writable controller"
+        );
+        let protocol = s.frontend().get_protocol_features().unwrap();
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        assert!(protocol.contains(want), "protocol features {protocol:?}");
         s.write(1 << 20, &data).unwrap();
         s.flush().unwrap();
     }
