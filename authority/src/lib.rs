@@ -1,0 +1,10 @@
+//! Tandem's authority: Raft groups (openraft) that decide which volume of a device accepts
+//! writes (tier 1, the global group) and which server is a volume's primary (tier 2, one
+//! group per site), with leases and epochs. See docs/authority.md.
+
+pub mod error;
+pub mod state;
+pub mod storage;
+pub mod types;
+
+pub use error::AuthError;
