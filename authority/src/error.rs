@@ -73,7 +73,10 @@ impl AuthError {
             AuthError::StaleEpoch { epoch, generation } => {
                 json!({ "epoch": epoch, "generation": generation })
             }
-            AuthError::LeaseHeld { holder, retry_after_ms } => {
+            AuthError::LeaseHeld {
+                holder,
+                retry_after_ms,
+            } => {
                 json!({ "holder": holder, "retry_after_ms": retry_after_ms })
             }
             AuthError::NotInSync { server_id } => json!({ "server_id": server_id }),
@@ -92,22 +95,49 @@ impl AuthError {
 
     /// Rebuild an error from a JSON-RPC error object (the client side of `code`/`data`).
     pub fn from_rpc(code: i64, message: &str, data: &Value) -> AuthError {
-        let s = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let s = |k: &str| {
+            data.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         let n = |k: &str| data.get(k).and_then(Value::as_u64).unwrap_or(0);
         let os = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_string);
         match code {
-            -32010 => AuthError::NotLeader { leader_addr: os("leader_addr") },
-            -32011 => AuthError::StaleEpoch { epoch: n("epoch"), generation: n("generation") },
-            -32012 => AuthError::LeaseHeld { holder: s("holder"), retry_after_ms: n("retry_after_ms") },
-            -32013 => AuthError::NotInSync { server_id: s("server_id") },
+            -32010 => AuthError::NotLeader {
+                leader_addr: os("leader_addr"),
+            },
+            -32011 => AuthError::StaleEpoch {
+                epoch: n("epoch"),
+                generation: n("generation"),
+            },
+            -32012 => AuthError::LeaseHeld {
+                holder: s("holder"),
+                retry_after_ms: n("retry_after_ms"),
+            },
+            -32013 => AuthError::NotInSync {
+                server_id: s("server_id"),
+            },
             -32014 => AuthError::UnknownSite { site: s("site") },
-            -32015 => AuthError::UnknownVolume { volume: s("volume") },
-            -32016 => AuthError::UnknownDevice { device: s("device") },
-            -32017 => AuthError::UnknownServer { server_id: s("server_id") },
-            -32018 => AuthError::NotPrimary { primary: os("primary") },
-            -32019 => AuthError::TxnConflict { txn_id: s("txn_id") },
+            -32015 => AuthError::UnknownVolume {
+                volume: s("volume"),
+            },
+            -32016 => AuthError::UnknownDevice {
+                device: s("device"),
+            },
+            -32017 => AuthError::UnknownServer {
+                server_id: s("server_id"),
+            },
+            -32018 => AuthError::NotPrimary {
+                primary: os("primary"),
+            },
+            -32019 => AuthError::TxnConflict {
+                txn_id: s("txn_id"),
+            },
             -32020 => AuthError::AlreadyExists { what: s("what") },
-            -32021 => AuthError::Unavailable { reason: s("reason") },
+            -32021 => AuthError::Unavailable {
+                reason: s("reason"),
+            },
             -32022 => AuthError::NotImplemented { what: s("what") },
             CODE_INVALID_PARAMS => AuthError::InvalidParams(message.to_string()),
             _ => AuthError::Internal(format!("{code}: {message}")),

@@ -113,8 +113,16 @@ pub struct GroupState {
 /// proposal cannot apply twice in a way that matters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    ServerRegister { server_id: String, data_addr: String, admin_addr: String },
-    ServerHeartbeat { server_id: String, health: Value, unix_ms: u64 },
+    ServerRegister {
+        server_id: String,
+        data_addr: String,
+        admin_addr: String,
+    },
+    ServerHeartbeat {
+        server_id: String,
+        health: Value,
+        unix_ms: u64,
+    },
     VolumeCreate {
         volume: String,
         device: String,
@@ -123,13 +131,34 @@ pub enum Command {
         servers: Vec<String>,
         generation: u64,
     },
-    VolumeDelete { volume: String },
+    VolumeDelete {
+        volume: String,
+    },
     /// Grant the primary lease to `server_id` at `epoch`, if the recorded holder is still
     /// `prev` (the leader decided, by its clock, that `prev`'s lease has run out).
-    GrantLease { volume: String, server_id: String, epoch: u64, prev: Option<LeaseHolder> },
-    ReleaseLease { volume: String, server_id: String, epoch: u64 },
-    SetInSync { volume: String, server_id: String, in_sync: bool, epoch: u64 },
-    Failover { volume: String, from_epoch: Option<u64>, reason: String, force: bool },
+    GrantLease {
+        volume: String,
+        server_id: String,
+        epoch: u64,
+        prev: Option<LeaseHolder>,
+    },
+    ReleaseLease {
+        volume: String,
+        server_id: String,
+        epoch: u64,
+    },
+    SetInSync {
+        volume: String,
+        server_id: String,
+        in_sync: bool,
+        epoch: u64,
+    },
+    Failover {
+        volume: String,
+        from_epoch: Option<u64>,
+        reason: String,
+        force: bool,
+    },
     DeviceCreate {
         device: String,
         size_bytes: u64,
@@ -137,17 +166,36 @@ pub enum Command {
         volumes: BTreeMap<String, String>,
         authoritative_site: String,
     },
-    DeviceDelete { device: String },
+    DeviceDelete {
+        device: String,
+    },
     /// Global group: open a promotion transaction and lock the device (coordinator's prepare).
-    TxnBegin { txn_id: String, device: String, to_site: String },
+    TxnBegin {
+        txn_id: String,
+        device: String,
+        to_site: String,
+    },
     /// Site group: vote on a promotion and lock the volume.
-    TxnPrepare { txn_id: String, volume: String, new_generation: u64, to_site: String },
+    TxnPrepare {
+        txn_id: String,
+        volume: String,
+        new_generation: u64,
+        to_site: String,
+    },
     /// Global group: record the decision. The first decision wins.
-    TxnDecide { txn_id: String, commit: bool },
+    TxnDecide {
+        txn_id: String,
+        commit: bool,
+    },
     /// Any participant: apply (commit) or drop (abort) the intent of the transaction.
-    TxnFinish { txn_id: String, commit: bool },
+    TxnFinish {
+        txn_id: String,
+        commit: bool,
+    },
     /// Global group: every participant has applied the decision.
-    TxnForget { txn_id: String },
+    TxnForget {
+        txn_id: String,
+    },
     /// Several commands in one log entry (batching); outcomes are returned in order.
     Batch(Vec<Command>),
 }
@@ -157,9 +205,19 @@ pub enum Command {
 pub enum Outcome {
     Done,
     Volume(String),
-    Grant { epoch: u64, generation: u64 },
-    Failover { primary: String, epoch: u64, forced: bool },
-    Txn { decision: Option<bool>, new_generation: u64 },
+    Grant {
+        epoch: u64,
+        generation: u64,
+    },
+    Failover {
+        primary: String,
+        epoch: u64,
+        forced: bool,
+    },
+    Txn {
+        decision: Option<bool>,
+        new_generation: u64,
+    },
     Batch(Vec<CommandOutcome>),
 }
 
@@ -167,12 +225,16 @@ pub enum Outcome {
 pub type CommandOutcome = Result<Outcome, AuthError>;
 
 fn unknown_volume(volume: &str) -> AuthError {
-    AuthError::UnknownVolume { volume: volume.to_string() }
+    AuthError::UnknownVolume {
+        volume: volume.to_string(),
+    }
 }
 
 fn txn_conflict(intent: &Option<TxnIntent>) -> Result<(), AuthError> {
     match intent {
-        Some(i) => Err(AuthError::TxnConflict { txn_id: i.txn_id.clone() }),
+        Some(i) => Err(AuthError::TxnConflict {
+            txn_id: i.txn_id.clone(),
+        }),
         None => Ok(()),
     }
 }
@@ -181,29 +243,49 @@ impl GroupState {
     /// Apply one command. Refusals leave the state exactly as it was.
     pub fn apply(&mut self, cmd: &Command) -> CommandOutcome {
         match cmd {
-            Command::ServerRegister { server_id, data_addr, admin_addr } => {
-                let s = self.servers.entry(server_id.clone()).or_insert_with(|| Server {
-                    data_addr: String::new(),
-                    admin_addr: String::new(),
-                    health: Value::Null,
-                    last_heartbeat_unix_ms: 0,
-                    heartbeats: 0,
-                });
+            Command::ServerRegister {
+                server_id,
+                data_addr,
+                admin_addr,
+            } => {
+                let s = self
+                    .servers
+                    .entry(server_id.clone())
+                    .or_insert_with(|| Server {
+                        data_addr: String::new(),
+                        admin_addr: String::new(),
+                        health: Value::Null,
+                        last_heartbeat_unix_ms: 0,
+                        heartbeats: 0,
+                    });
                 s.data_addr = data_addr.clone();
                 s.admin_addr = admin_addr.clone();
                 Ok(Outcome::Done)
             }
-            Command::ServerHeartbeat { server_id, health, unix_ms } => {
-                let s = self
-                    .servers
-                    .get_mut(server_id)
-                    .ok_or_else(|| AuthError::UnknownServer { server_id: server_id.clone() })?;
+            Command::ServerHeartbeat {
+                server_id,
+                health,
+                unix_ms,
+            } => {
+                let s =
+                    self.servers
+                        .get_mut(server_id)
+                        .ok_or_else(|| AuthError::UnknownServer {
+                            server_id: server_id.clone(),
+                        })?;
                 s.health = health.clone();
                 s.last_heartbeat_unix_ms = *unix_ms;
                 s.heartbeats += 1;
                 Ok(Outcome::Done)
             }
-            Command::VolumeCreate { volume, device, size_bytes, block_size, servers, generation } => {
+            Command::VolumeCreate {
+                volume,
+                device,
+                size_bytes,
+                block_size,
+                servers,
+                generation,
+            } => {
                 if let Some(v) = self.volumes.get(volume) {
                     let same = v.device == *device
                         && v.size_bytes == *size_bytes
@@ -213,21 +295,30 @@ impl GroupState {
                     return if same {
                         Ok(Outcome::Volume(volume.clone()))
                     } else {
-                        Err(AuthError::AlreadyExists { what: format!("volume {volume}") })
+                        Err(AuthError::AlreadyExists {
+                            what: format!("volume {volume}"),
+                        })
                     };
                 }
                 if servers.is_empty() {
-                    return Err(AuthError::InvalidParams("a volume needs at least one server".into()));
+                    return Err(AuthError::InvalidParams(
+                        "a volume needs at least one server".into(),
+                    ));
                 }
                 for (i, s) in servers.iter().enumerate() {
                     if !self.servers.contains_key(s) {
-                        return Err(AuthError::UnknownServer { server_id: s.clone() });
+                        return Err(AuthError::UnknownServer {
+                            server_id: s.clone(),
+                        });
                     }
                     if servers[..i].contains(s) {
                         return Err(AuthError::InvalidParams(format!("server {s} listed twice")));
                     }
                 }
-                if *block_size == 0 || !block_size.is_power_of_two() || *size_bytes % *block_size as u64 != 0 {
+                if *block_size == 0
+                    || !block_size.is_power_of_two()
+                    || *size_bytes % *block_size as u64 != 0
+                {
                     return Err(AuthError::InvalidParams(
                         "block_size must be a power of two dividing size_bytes".into(),
                     ));
@@ -244,7 +335,10 @@ impl GroupState {
                         // A new volume is empty on every server: all are in sync.
                         servers: servers
                             .iter()
-                            .map(|s| VolumeServer { server_id: s.clone(), in_sync: true })
+                            .map(|s| VolumeServer {
+                                server_id: s.clone(),
+                                in_sync: true,
+                            })
                             .collect(),
                         lease_holder: None,
                         last_failover: None,
@@ -254,32 +348,79 @@ impl GroupState {
                 Ok(Outcome::Volume(volume.clone()))
             }
             Command::VolumeDelete { volume } => {
-                let v = self.volumes.get(volume).ok_or_else(|| unknown_volume(volume))?;
+                let v = self
+                    .volumes
+                    .get(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 txn_conflict(&v.intent)?;
                 if let Some(h) = &v.lease_holder {
-                    return Err(AuthError::LeaseHeld { holder: h.server_id.clone(), retry_after_ms: 0 });
+                    return Err(AuthError::LeaseHeld {
+                        holder: h.server_id.clone(),
+                        retry_after_ms: 0,
+                    });
                 }
                 self.volumes.remove(volume);
                 Ok(Outcome::Done)
             }
-            Command::GrantLease { volume, server_id, epoch, prev } => {
-                let v = self.volumes.get_mut(volume).ok_or_else(|| unknown_volume(volume))?;
+            Command::GrantLease {
+                volume,
+                server_id,
+                epoch,
+                prev,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 if v.epoch != *epoch {
-                    return Err(AuthError::StaleEpoch { epoch: v.epoch, generation: v.generation });
+                    return Err(AuthError::StaleEpoch {
+                        epoch: v.epoch,
+                        generation: v.generation,
+                    });
                 }
                 if v.primary.as_deref() != Some(server_id.as_str()) {
-                    return Err(AuthError::NotPrimary { primary: v.primary.clone() });
+                    return Err(AuthError::NotPrimary {
+                        primary: v.primary.clone(),
+                    });
+                }
+                let me = LeaseHolder {
+                    server_id: server_id.clone(),
+                    epoch: *epoch,
+                };
+                if v.lease_holder.as_ref() == Some(&me) {
+                    // A retried or concurrent grant to the same holder.
+                    return Ok(Outcome::Grant {
+                        epoch: v.epoch,
+                        generation: v.generation,
+                    });
                 }
                 if v.lease_holder != *prev {
                     // Someone else was granted (or released) since the leader looked.
-                    let holder = v.lease_holder.as_ref().map(|h| h.server_id.clone()).unwrap_or_default();
-                    return Err(AuthError::LeaseHeld { holder, retry_after_ms: 0 });
+                    let holder = v
+                        .lease_holder
+                        .as_ref()
+                        .map(|h| h.server_id.clone())
+                        .unwrap_or_default();
+                    return Err(AuthError::LeaseHeld {
+                        holder,
+                        retry_after_ms: 0,
+                    });
                 }
-                v.lease_holder = Some(LeaseHolder { server_id: server_id.clone(), epoch: *epoch });
-                Ok(Outcome::Grant { epoch: v.epoch, generation: v.generation })
+                v.lease_holder = Some(me);
+                Ok(Outcome::Grant {
+                    epoch: v.epoch,
+                    generation: v.generation,
+                })
             }
-            Command::ReleaseLease { volume, server_id, epoch } => {
-                let v = self.volumes.get_mut(volume).ok_or_else(|| unknown_volume(volume))?;
+            Command::ReleaseLease {
+                volume,
+                server_id,
+                epoch,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 match &v.lease_holder {
                     Some(h) if h.server_id == *server_id && h.epoch == *epoch => {
                         v.lease_holder = None;
@@ -293,24 +434,47 @@ impl GroupState {
                     ))),
                 }
             }
-            Command::SetInSync { volume, server_id, in_sync, epoch } => {
-                let v = self.volumes.get_mut(volume).ok_or_else(|| unknown_volume(volume))?;
+            Command::SetInSync {
+                volume,
+                server_id,
+                in_sync,
+                epoch,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 if v.epoch != *epoch {
-                    return Err(AuthError::StaleEpoch { epoch: v.epoch, generation: v.generation });
+                    return Err(AuthError::StaleEpoch {
+                        epoch: v.epoch,
+                        generation: v.generation,
+                    });
                 }
                 if v.primary.as_deref() == Some(server_id.as_str()) {
-                    return Err(AuthError::InvalidParams("the primary is in sync by definition".into()));
+                    return Err(AuthError::InvalidParams(
+                        "the primary is in sync by definition".into(),
+                    ));
                 }
                 let s = v
                     .servers
                     .iter_mut()
                     .find(|s| s.server_id == *server_id)
-                    .ok_or_else(|| AuthError::UnknownServer { server_id: server_id.clone() })?;
+                    .ok_or_else(|| AuthError::UnknownServer {
+                        server_id: server_id.clone(),
+                    })?;
                 s.in_sync = *in_sync;
                 Ok(Outcome::Volume(volume.clone()))
             }
-            Command::Failover { volume, from_epoch, reason, force } => {
-                let v = self.volumes.get_mut(volume).ok_or_else(|| unknown_volume(volume))?;
+            Command::Failover {
+                volume,
+                from_epoch,
+                reason,
+                force,
+            } => {
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 if let Some(from) = from_epoch {
                     if *from != v.epoch {
                         if let Some(f) = &v.last_failover {
@@ -323,17 +487,28 @@ impl GroupState {
                                 });
                             }
                         }
-                        return Err(AuthError::StaleEpoch { epoch: v.epoch, generation: v.generation });
+                        return Err(AuthError::StaleEpoch {
+                            epoch: v.epoch,
+                            generation: v.generation,
+                        });
                     }
                 }
                 txn_conflict(&v.intent)?;
                 let old = v.primary.clone();
-                let others = || v.servers.iter().filter(|s| Some(&s.server_id) != old.as_ref());
+                let others = || {
+                    v.servers
+                        .iter()
+                        .filter(|s| Some(&s.server_id) != old.as_ref())
+                };
                 let (chosen, forced) = match others().find(|s| s.in_sync) {
                     Some(s) => (s.server_id.clone(), false),
                     None => match others().next() {
                         Some(s) if *force => (s.server_id.clone(), true),
-                        Some(s) => return Err(AuthError::NotInSync { server_id: s.server_id.clone() }),
+                        Some(s) => {
+                            return Err(AuthError::NotInSync {
+                                server_id: s.server_id.clone(),
+                            })
+                        }
                         None => {
                             return Err(AuthError::InvalidParams(format!(
                                 "volume {volume} has no secondary to fail over to"
@@ -360,9 +535,19 @@ impl GroupState {
                     forced,
                     reason: reason.clone(),
                 });
-                Ok(Outcome::Failover { primary: chosen, epoch: v.epoch, forced })
+                Ok(Outcome::Failover {
+                    primary: chosen,
+                    epoch: v.epoch,
+                    forced,
+                })
             }
-            Command::DeviceCreate { device, size_bytes, block_size, volumes, authoritative_site } => {
+            Command::DeviceCreate {
+                device,
+                size_bytes,
+                block_size,
+                volumes,
+                authoritative_site,
+            } => {
                 if let Some(d) = self.devices.get(device) {
                     let same = d.size_bytes == *size_bytes
                         && d.block_size == *block_size
@@ -371,13 +556,20 @@ impl GroupState {
                     return if same {
                         Ok(Outcome::Done)
                     } else {
-                        Err(AuthError::AlreadyExists { what: format!("device {device}") })
+                        Err(AuthError::AlreadyExists {
+                            what: format!("device {device}"),
+                        })
                     };
                 }
                 if !volumes.contains_key(authoritative_site) {
-                    return Err(AuthError::UnknownSite { site: authoritative_site.clone() });
+                    return Err(AuthError::UnknownSite {
+                        site: authoritative_site.clone(),
+                    });
                 }
-                if *block_size == 0 || !block_size.is_power_of_two() || *size_bytes % *block_size as u64 != 0 {
+                if *block_size == 0
+                    || !block_size.is_power_of_two()
+                    || *size_bytes % *block_size as u64 != 0
+                {
                     return Err(AuthError::InvalidParams(
                         "block_size must be a power of two dividing size_bytes".into(),
                     ));
@@ -399,30 +591,49 @@ impl GroupState {
                 let d = self
                     .devices
                     .get(device)
-                    .ok_or_else(|| AuthError::UnknownDevice { device: device.clone() })?;
+                    .ok_or_else(|| AuthError::UnknownDevice {
+                        device: device.clone(),
+                    })?;
                 txn_conflict(&d.intent)?;
                 self.devices.remove(device);
                 Ok(Outcome::Done)
             }
-            Command::TxnBegin { txn_id, device, to_site } => {
+            Command::TxnBegin {
+                txn_id,
+                device,
+                to_site,
+            } => {
                 if let Some(t) = self.txns.get(txn_id) {
                     if t.device == *device && t.to_site == *to_site {
-                        return Ok(Outcome::Txn { decision: t.decision, new_generation: t.new_generation });
+                        return Ok(Outcome::Txn {
+                            decision: t.decision,
+                            new_generation: t.new_generation,
+                        });
                     }
-                    return Err(AuthError::TxnConflict { txn_id: txn_id.clone() });
+                    return Err(AuthError::TxnConflict {
+                        txn_id: txn_id.clone(),
+                    });
                 }
                 let d = self
                     .devices
                     .get_mut(device)
-                    .ok_or_else(|| AuthError::UnknownDevice { device: device.clone() })?;
+                    .ok_or_else(|| AuthError::UnknownDevice {
+                        device: device.clone(),
+                    })?;
                 txn_conflict(&d.intent)?;
-                let to_volume = d
-                    .volumes
-                    .get(to_site)
-                    .cloned()
-                    .ok_or_else(|| AuthError::UnknownSite { site: to_site.clone() })?;
+                let to_volume =
+                    d.volumes
+                        .get(to_site)
+                        .cloned()
+                        .ok_or_else(|| AuthError::UnknownSite {
+                            site: to_site.clone(),
+                        })?;
                 let new_generation = d.generation + 1;
-                d.intent = Some(TxnIntent { txn_id: txn_id.clone(), new_generation, to_site: to_site.clone() });
+                d.intent = Some(TxnIntent {
+                    txn_id: txn_id.clone(),
+                    new_generation,
+                    to_site: to_site.clone(),
+                });
                 self.txns.insert(
                     txn_id.clone(),
                     TxnRecord {
@@ -434,16 +645,33 @@ impl GroupState {
                         finished: false,
                     },
                 );
-                Ok(Outcome::Txn { decision: None, new_generation })
+                Ok(Outcome::Txn {
+                    decision: None,
+                    new_generation,
+                })
             }
-            Command::TxnPrepare { txn_id, volume, new_generation, to_site } => {
+            Command::TxnPrepare {
+                txn_id,
+                volume,
+                new_generation,
+                to_site,
+            } => {
                 if let Some(outcome) = self.prepared.get(txn_id) {
-                    return Ok(Outcome::Txn { decision: *outcome, new_generation: *new_generation });
+                    return Ok(Outcome::Txn {
+                        decision: *outcome,
+                        new_generation: *new_generation,
+                    });
                 }
-                let v = self.volumes.get_mut(volume).ok_or_else(|| unknown_volume(volume))?;
+                let v = self
+                    .volumes
+                    .get_mut(volume)
+                    .ok_or_else(|| unknown_volume(volume))?;
                 txn_conflict(&v.intent)?;
                 if *new_generation <= v.generation {
-                    return Err(AuthError::StaleEpoch { epoch: v.epoch, generation: v.generation });
+                    return Err(AuthError::StaleEpoch {
+                        epoch: v.epoch,
+                        generation: v.generation,
+                    });
                 }
                 if v.primary.is_none() {
                     return Err(AuthError::NotPrimary { primary: None });
@@ -454,17 +682,22 @@ impl GroupState {
                     to_site: to_site.clone(),
                 });
                 self.prepared.insert(txn_id.clone(), None);
-                Ok(Outcome::Txn { decision: None, new_generation: *new_generation })
+                Ok(Outcome::Txn {
+                    decision: None,
+                    new_generation: *new_generation,
+                })
             }
             Command::TxnDecide { txn_id, commit } => {
-                let t = self
-                    .txns
-                    .get_mut(txn_id)
-                    .ok_or_else(|| AuthError::InvalidParams(format!("unknown transaction {txn_id}")))?;
+                let t = self.txns.get_mut(txn_id).ok_or_else(|| {
+                    AuthError::InvalidParams(format!("unknown transaction {txn_id}"))
+                })?;
                 if t.decision.is_none() {
                     t.decision = Some(*commit);
                 }
-                Ok(Outcome::Txn { decision: t.decision, new_generation: t.new_generation })
+                Ok(Outcome::Txn {
+                    decision: t.decision,
+                    new_generation: t.new_generation,
+                })
             }
             Command::TxnFinish { txn_id, commit } => self.finish_txn(txn_id, *commit),
             Command::TxnForget { txn_id } => {
@@ -473,7 +706,9 @@ impl GroupState {
                 }
                 Ok(Outcome::Done)
             }
-            Command::Batch(cmds) => Ok(Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect())),
+            Command::Batch(cmds) => {
+                Ok(Outcome::Batch(cmds.iter().map(|c| self.apply(c)).collect()))
+            }
         }
     }
 
@@ -486,31 +721,43 @@ impl GroupState {
                     t.decision
                 )));
             }
-            let (device, to_site, new_generation) = (t.device.clone(), t.to_site.clone(), t.new_generation);
+            let (device, to_site, new_generation) =
+                (t.device.clone(), t.to_site.clone(), t.new_generation);
             if let Some(d) = self.devices.get_mut(&device) {
                 if d.intent.as_ref().map(|i| i.txn_id.as_str()) == Some(txn_id) {
                     d.intent = None;
                     if commit {
-                        assert!(new_generation > d.generation, "a generation never goes back");
+                        assert!(
+                            new_generation > d.generation,
+                            "a generation never goes back"
+                        );
                         d.generation = new_generation;
                         d.authoritative_site = to_site;
                     }
                 }
             }
-            return Ok(Outcome::Txn { decision: Some(commit), new_generation });
+            return Ok(Outcome::Txn {
+                decision: Some(commit),
+                new_generation,
+            });
         }
         // Site side.
         match self.prepared.get(txn_id) {
             Some(Some(done)) if *done == commit => {}
             Some(Some(_)) => {
-                return Err(AuthError::InvalidParams(format!("transaction {txn_id} already finished otherwise")))
+                return Err(AuthError::InvalidParams(format!(
+                    "transaction {txn_id} already finished otherwise"
+                )))
             }
             Some(None) => {
                 for v in self.volumes.values_mut() {
                     if v.intent.as_ref().map(|i| i.txn_id.as_str()) == Some(txn_id) {
                         let intent = v.intent.take().expect("checked above");
                         if commit {
-                            assert!(intent.new_generation > v.generation, "a generation never goes back");
+                            assert!(
+                                intent.new_generation > v.generation,
+                                "a generation never goes back"
+                            );
                             v.generation = intent.new_generation;
                             // The promoted volume starts a new epoch under its current primary.
                             v.epoch += 1;
@@ -530,6 +777,9 @@ impl GroupState {
                 )))
             }
         }
-        Ok(Outcome::Txn { decision: Some(commit), new_generation: 0 })
+        Ok(Outcome::Txn {
+            decision: Some(commit),
+            new_generation: 0,
+        })
     }
 }

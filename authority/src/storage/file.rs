@@ -98,7 +98,10 @@ mod tests {
         // Torn: the last record is cut short.
         let torn = &buf[..buf.len() - 2];
         let mut r = RecordReader::new(torn);
-        assert_eq!(r.by_ref().collect::<Vec<_>>(), vec![&b"one"[..], &b"two"[..]]);
+        assert_eq!(
+            r.by_ref().collect::<Vec<_>>(),
+            vec![&b"one"[..], &b"two"[..]]
+        );
         assert_eq!(r.good_len(), good);
         // Corrupt: a flipped payload byte fails the CRC.
         let mut bad = buf.clone();

@@ -96,7 +96,10 @@ impl LogStore {
         }
         mem.dead_records = records.saturating_sub(mem.entries.len());
         let good = reader.good_len();
-        let file = OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         if good < data.len() {
             tracing::warn!(path = %log_path.display(), good, len = data.len(), "cutting torn log tail");
             file.set_len(good as u64)?;
@@ -111,7 +114,12 @@ impl LogStore {
         std::thread::Builder::new()
             .name("authority-log".into())
             .spawn(move || writer_loop(rx, file, path, vote_path))?;
-        Ok(LogStore { inner: Arc::new(Inner { mem: Mutex::new(mem), writer: Mutex::new(tx) }) })
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                mem: Mutex::new(mem),
+                writer: Mutex::new(tx),
+            }),
+        })
     }
 
     fn send(&self, job: WriteJob) -> Result<(), StorageError> {
@@ -129,7 +137,9 @@ impl LogStore {
         self.send(make(Box::new(move |r| {
             let _ = tx.send(r);
         })))?;
-        rx.await.map_err(|_| write_err(io_err("log writer thread is gone")))?.map_err(write_err)
+        rx.await
+            .map_err(|_| write_err(io_err("log writer thread is gone")))?
+            .map_err(write_err)
     }
 
     fn encode(records: &[LogRecord]) -> Result<Vec<u8>, StorageError> {
@@ -173,7 +183,10 @@ fn writer_loop(rx: mpsc::Receiver<WriteJob>, mut file: File, path: PathBuf, vote
                     }
                     let res = res.and_then(|_| file.sync_data());
                     for d in dones {
-                        d(res.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string())));
+                        d(res
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| io::Error::new(e.kind(), e.to_string())));
                     }
                 }
                 WriteJob::Rewrite { bytes, done } => {
@@ -205,13 +218,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(s) => Bound::Excluded(*s),
             Bound::Unbounded => Bound::Unbounded,
         };
-        Ok(mem.entries.range((start, end)).map(|(_, e)| e.clone()).collect())
+        Ok(mem
+            .entries
+            .range((start, end))
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
-    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
         // Bounded so one replication message stays far below the network's frame limit.
         let mem = self.inner.mem.lock().expect("mem lock");
-        Ok(mem.entries.range(start..end).take(4096).map(|(_, e)| e.clone()).collect())
+        Ok(mem
+            .entries
+            .range(start..end)
+            .take(4096)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -220,8 +246,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let mem = self.inner.mem.lock().expect("mem lock");
-        let last = mem.entries.values().next_back().map(|e| e.log_id).or(mem.last_purged);
-        Ok(LogState { last_purged_log_id: mem.last_purged, last_log_id: last })
+        let last = mem
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(mem.last_purged);
+        Ok(LogState {
+            last_purged_log_id: mem.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> LogStore {
@@ -230,7 +264,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(vote).map_err(|e| write_err(io_err(e)))?;
-        self.write_sync(|done| WriteJob::Vote { bytes, done }).await?;
+        self.write_sync(|done| WriteJob::Vote { bytes, done })
+            .await?;
         self.inner.mem.lock().expect("mem lock").vote = Some(*vote);
         Ok(())
     }
@@ -239,7 +274,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.inner.mem.lock().expect("mem lock").vote)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -254,7 +293,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 mem.entries.insert(e.log_id.index, e);
             }
         }
-        self.send(WriteJob::Append { bytes, done: Box::new(move |r| callback.log_io_completed(r)) })
+        self.send(WriteJob::Append {
+            bytes,
+            done: Box::new(move |r| callback.log_io_completed(r)),
+        })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -264,7 +306,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let gone = mem.entries.split_off(&log_id.index);
             mem.dead_records += gone.len() + 1;
         }
-        self.write_sync(|done| WriteJob::Append { bytes, done }).await
+        self.write_sync(|done| WriteJob::Append { bytes, done })
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -287,11 +330,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         match rewrite {
             Some(records) => {
                 let bytes = Self::encode(&records)?;
-                self.write_sync(|done| WriteJob::Rewrite { bytes, done }).await
+                self.write_sync(|done| WriteJob::Rewrite { bytes, done })
+                    .await
             }
             None => {
                 let bytes = Self::encode(&[LogRecord::Purge(log_id)])?;
-                self.write_sync(|done| WriteJob::Append { bytes, done }).await
+                self.write_sync(|done| WriteJob::Append { bytes, done })
+                    .await
             }
         }
     }

@@ -71,7 +71,10 @@ impl StateMachineStore {
     }
 
     fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        let file = SnapshotFile { meta: meta.clone(), data: data.to_vec() };
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        };
         let bytes = serde_json::to_vec(&file).map_err(snap_err)?;
         write_atomic(&self.snapshot_path, &bytes).map_err(snap_err)
     }
@@ -81,18 +84,33 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (bytes, last_applied, membership) = {
             let d = self.data.read().expect("state lock");
-            (serde_json::to_vec(&*d).map_err(snap_err)?, d.last_applied, d.membership.clone())
+            (
+                serde_json::to_vec(&*d).map_err(snap_err)?,
+                d.last_applied,
+                d.membership.clone(),
+            )
         };
-        let seq = self.snapshot_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self
+            .snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{seq}", l.leader_id.term, l.index),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
         let this = self.clone();
         let (m2, b2) = (meta.clone(), bytes.clone());
-        tokio::task::spawn_blocking(move || this.save(&m2, &b2)).await.map_err(snap_err)??;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        tokio::task::spawn_blocking(move || this.save(&m2, &b2))
+            .await
+            .map_err(snap_err)??;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
     }
 }
 
@@ -112,7 +130,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut d = self.data.write().expect("state lock");
         let mut out = Vec::new();
         for e in entries {
-            debug_assert!(d.last_applied < Some(e.log_id), "the log is applied in order, once");
+            debug_assert!(
+                d.last_applied < Some(e.log_id),
+                "the log is applied in order, once"
+            );
             d.last_applied = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => out.push(Ok(crate::state::Outcome::Done)),
@@ -134,14 +155,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let new: SmData = serde_json::from_slice(&bytes).map_err(read_err)?;
         let this = self.clone();
         let (m2, b2) = (meta.clone(), bytes.clone());
-        tokio::task::spawn_blocking(move || this.save(&m2, &b2)).await.map_err(snap_err)??;
+        tokio::task::spawn_blocking(move || this.save(&m2, &b2))
+            .await
+            .map_err(snap_err)??;
         let mut d = self.data.write().expect("state lock");
-        *d = SmData { last_applied: meta.last_log_id, membership: meta.last_membership.clone(), state: new.state };
+        *d = SmData {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state: new.state,
+        };
         Ok(())
     }
 
@@ -151,6 +182,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             None => return Ok(None),
         };
         let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(read_err)?;
-        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) }))
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(file.data)),
+        }))
     }
 }

@@ -1,0 +1,37 @@
+//! The running daemon: the host of groups plus its JSON-RPC listeners.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::AuthorityConfig;
+use crate::host::Host;
+
+pub struct Daemon {
+    pub host: Arc<Host>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Start every group and serve JSON-RPC on the configured TCP address and Unix socket.
+    pub async fn start(config: AuthorityConfig) -> anyhow::Result<Daemon> {
+        let rpc = TcpListener::bind(&config.rpc_addr).await?;
+        let unix = config.unix_socket.clone();
+        let host = Host::start(config).await?;
+        let mut tasks = vec![tokio::spawn(crate::rpc::serve_tcp(host.clone(), rpc))];
+        if let Some(path) = unix {
+            tasks.push(crate::rpc::serve_unix(host.clone(), &path).await?);
+        }
+        Ok(Daemon { host, tasks })
+    }
+
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(p) = &self.host.config.unix_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        self.host.shutdown().await;
+    }
+}
