@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod group;
+pub mod history;
 pub mod host;
 pub mod lease;
 pub mod network;
