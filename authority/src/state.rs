@@ -783,3 +783,7 @@ impl GroupState {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -14,3 +14,6 @@ mod state_machine;
 pub use file::{read_atomic, write_atomic, RecordReader, MAX_RECORD};
 pub use log_store::LogStore;
 pub use state_machine::{SharedState, StateMachineStore};
+
+#[cfg(test)]
+mod tests;
