@@ -54,6 +54,9 @@ pub struct AuthorityConfig {
     pub snapshot_every: u64,
     /// Entries kept in the log behind the last snapshot (for slow followers).
     pub log_keep: u64,
+    /// A cross-group transaction still open after this long is finished by the global
+    /// group's leader (its coordinator is presumed dead).
+    pub txn_recovery_after_ms: u64,
 }
 
 impl Default for AuthorityConfig {
@@ -73,6 +76,7 @@ impl Default for AuthorityConfig {
             election_timeout_max_ms: 1000,
             snapshot_every: 10_000,
             log_keep: 1000,
+            txn_recovery_after_ms: 5000,
         }
     }
 }

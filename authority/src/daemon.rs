@@ -18,7 +18,11 @@ impl Daemon {
         let rpc = TcpListener::bind(&config.rpc_addr).await?;
         let unix = config.unix_socket.clone();
         let host = Host::start(config).await?;
-        let mut tasks = vec![tokio::spawn(crate::rpc::serve_tcp(host.clone(), rpc))];
+        let recovery = std::time::Duration::from_millis(host.config.txn_recovery_after_ms);
+        let mut tasks = vec![
+            tokio::spawn(crate::rpc::serve_tcp(host.clone(), rpc)),
+            tokio::spawn(crate::txn::recovery_loop(host.clone(), recovery)),
+        ];
         if let Some(path) = unix {
             tasks.push(crate::rpc::serve_unix(host.clone(), &path).await?);
         }

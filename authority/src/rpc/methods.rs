@@ -37,6 +37,7 @@ pub const METHODS: &[&str] = &[
     "device_list",
     "volume_promote",
     "txn_get",
+    "txn_step",
     "config_get",
     "cluster_status",
     "cluster_add_learner",
@@ -471,7 +472,7 @@ pub async fn call(host: &Arc<Host>, method: &str, params: Value) -> Result<Value
                 .collect::<Result<Vec<_>, _>>()
                 .map(Value::Array)
         }
-        "volume_promote" | "txn_get" => crate::txn::call(host, method, params).await,
+        "volume_promote" | "txn_get" | "txn_step" => crate::txn::call(host, method, params).await,
         "config_get" => {
             let p: GroupSel = parse(params)?;
             let mut out = serde_json::Map::new();

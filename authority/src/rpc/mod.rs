@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::error::{AuthError, CODE_INVALID_REQUEST, CODE_METHOD_NOT_FOUND, CODE_PARSE_ERROR};
 use crate::host::Host;
 
-pub use methods::METHODS;
+pub use methods::{METHODS, NO_SUCH_METHOD};
 
 /// The longest request line accepted.
 pub const MAX_LINE: usize = 1 << 20;

@@ -1,0 +1,101 @@
+//! Volume promotion over JSON-RPC on the embedded single-member daemon: both tiers change
+//! together, and survive a restart of the daemon on its data directory.
+
+use std::time::Duration;
+
+use authority::client::AuthorityClient;
+use authority::config::AuthorityConfig;
+use authority::daemon::Daemon;
+use authority::error::AuthError;
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+async fn start(config: &AuthorityConfig) -> Daemon {
+    let d = Daemon::start(config.clone()).await.unwrap();
+    for g in d.host.groups.values() {
+        g.raft
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "leader")
+            .await
+            .unwrap();
+    }
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = AuthorityConfig {
+        data_dir: dir.path().join("data"),
+        rpc_addr: free_addr(),
+        raft_addr: free_addr(),
+        unix_socket: None,
+        heartbeat_ms: 50,
+        election_timeout_min_ms: 150,
+        election_timeout_max_ms: 300,
+        ..Default::default()
+    };
+    let d = start(&config).await;
+    let c = AuthorityClient::new(vec![config.rpc_addr.clone()]);
+    for (site, vol, servers) in [
+        ("site-a", "vol-a", ["a1", "a2"]),
+        ("site-b", "vol-b", ["b1", "b2"]),
+    ] {
+        for s in servers {
+            c.server_register(site, s, "d", "a").await.unwrap();
+        }
+        c.volume_create(site, vol, "dev0", 1 << 20, 512, &servers)
+            .await
+            .unwrap();
+    }
+    let dev = c
+        .device_create(
+            "dev0",
+            1 << 20,
+            512,
+            &[("site-a", "vol-a"), ("site-b", "vol-b")],
+            "site-a",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (dev.generation, dev.authoritative_volume.as_str()),
+        (1, "vol-a")
+    );
+
+    let p = c.volume_promote("dev0", "site-b", "txn-1").await.unwrap();
+    assert!(p.committed);
+    assert_eq!((p.generation, p.epoch), (2, 2));
+    // Idempotent by transaction id.
+    let again = c.volume_promote("dev0", "site-b", "txn-1").await.unwrap();
+    assert_eq!(again, p);
+    let dev = c.device_get("dev0").await.unwrap();
+    assert_eq!(
+        (dev.generation, dev.authoritative_site.as_str(), dev.intent),
+        (2, "site-b", None)
+    );
+    let vb = c.volume_get("site-b", "vol-b").await.unwrap();
+    assert_eq!((vb.generation, vb.epoch, vb.intent), (2, 2, None));
+    // The promoted volume's primary gets leases under the new generation.
+    let g = c.lease_acquire("site-b", "vol-b", "b1").await.unwrap();
+    assert_eq!((g.generation, g.epoch), (2, 2));
+    // An unknown site is refused by name, and nothing is left locked.
+    assert!(matches!(
+        c.volume_promote("dev0", "site-z", "txn-2").await,
+        Err(AuthError::UnknownSite { .. })
+    ));
+    assert_eq!(c.device_get("dev0").await.unwrap().intent, None);
+
+    // Kill the daemon's groups and start again on the same directory.
+    d.shutdown().await;
+    let d = start(&config).await;
+    let c = AuthorityClient::new(vec![config.rpc_addr.clone()]);
+    assert_eq!(c.device_get("dev0").await.unwrap().generation, 2);
+    let back = c.volume_promote("dev0", "site-a", "txn-3").await.unwrap();
+    assert_eq!(back.generation, 3);
+    assert_eq!(c.volume_get("site-a", "vol-a").await.unwrap().generation, 3);
+    d.shutdown().await;
+}
