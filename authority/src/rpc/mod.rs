@@ -113,16 +113,18 @@ where
                 Value::Null,
             ));
             // Skip the rest of the oversized line.
-            while !ended {
-                buf.clear();
-                match (&mut rd)
-                    .take(MAX_LINE as u64)
-                    .read_until(b'\n', &mut buf)
-                    .await
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) if buf.last() == Some(&b'\n') => break,
-                    Ok(_) => continue,
+            if !ended {
+                loop {
+                    buf.clear();
+                    match (&mut rd)
+                        .take(MAX_LINE as u64)
+                        .read_until(b'\n', &mut buf)
+                        .await
+                    {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if buf.last() == Some(&b'\n') => break,
+                        Ok(_) => continue,
+                    }
                 }
             }
             continue;

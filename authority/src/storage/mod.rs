@@ -7,6 +7,9 @@
 //! - `vote`: the last vote, replaced by write-to-temp, fsync, rename, fsync of the directory.
 //! - `snapshot`: the last snapshot (meta + state), replaced the same way.
 
+// openraft's traits return its `StorageError` (224 bytes); our helpers return the same type.
+#![allow(clippy::result_large_err)]
+
 mod file;
 mod log_store;
 mod state_machine;
