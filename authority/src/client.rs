@@ -147,7 +147,8 @@ pub struct AuthorityClient {
     next_id: AtomicU64,
     rotate: AtomicUsize,
     leaders: Mutex<HashMap<String, String>>,
-    conns: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// Which group a request goes to, for remembering leaders.
@@ -174,28 +175,42 @@ impl AuthorityClient {
             next_id: AtomicU64::new(1),
             rotate: AtomicUsize::new(0),
             leaders: Mutex::new(HashMap::new()),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
+    fn cached(&self, addr: &str) -> Option<Arc<Conn>> {
+        let conns = self.conns.lock().expect("conns");
+        conns
+            .get(addr)
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .cloned()
+    }
+
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>, String> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
-            if !c.closed.load(Ordering::Relaxed) {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.cached(addr) {
+            return Ok(c);
+        }
+        // One connect at a time, so concurrent callers share the new connection.
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.cached(addr) {
+            return Ok(c);
         }
         let c = tokio::time::timeout(self.opts.attempt_timeout, Conn::connect(addr))
             .await
             .map_err(|_| format!("connect to {addr} timed out"))?
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         let c = Arc::new(c);
-        conns.insert(addr.to_string(), c.clone());
+        self.conns
+            .lock()
+            .expect("conns")
+            .insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
-    async fn drop_conn(&self, addr: &str) {
-        self.conns.lock().await.remove(addr);
+    fn drop_conn(&self, addr: &str) {
+        self.conns.lock().expect("conns").remove(addr);
     }
 
     /// Call `method` with `params`, following redirects and retrying until the deadline.
@@ -255,7 +270,7 @@ impl AuthorityClient {
                     }
                 }
                 Err(transport) => {
-                    self.drop_conn(&addr).await;
+                    self.drop_conn(&addr);
                     self.leaders.lock().expect("leaders").remove(&key);
                     last_err = AuthError::Unavailable {
                         reason: format!("{addr}: {transport}"),

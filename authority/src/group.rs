@@ -36,7 +36,7 @@ pub struct Group {
     pub log: LogStore,
     pub timing: LeaseTiming,
     clock: Mutex<LeaseClock>,
-    reads: mpsc::UnboundedSender<oneshot::Sender<Result<(), AuthError>>>,
+    reads: mpsc::UnboundedSender<oneshot::Sender<Result<u64, AuthError>>>,
 }
 
 impl Group {
@@ -73,16 +73,15 @@ impl Group {
             .map(|n| n.rpc_addr.clone())
     }
 
-    fn not_leader(&self) -> AuthError {
-        AuthError::NotLeader {
-            leader_addr: self.leader_rpc_addr(),
-        }
-    }
-
     /// Wait until this member is confirmed leader by a quorum *after* this call began, and
     /// its state has applied everything committed before: then a read of `state` is
     /// linearizable. Concurrent callers share one confirmation round.
     pub async fn linearize(&self) -> Result<(), AuthError> {
+        self.linearize_term().await.map(|_| ())
+    }
+
+    /// [`Group::linearize`], answering the term in which this member was confirmed leader.
+    async fn linearize_term(&self) -> Result<u64, AuthError> {
         let (tx, rx) = oneshot::channel();
         self.reads.send(tx).map_err(|_| AuthError::Unavailable {
             reason: "group is shutting down".into(),
@@ -100,16 +99,6 @@ impl Group {
         }
     }
 
-    /// The current term, if this member believes it is the leader.
-    fn leader_term(&self) -> Result<u64, AuthError> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.current_leader == Some(self.node_id) {
-            Ok(m.current_term)
-        } else {
-            Err(self.not_leader())
-        }
-    }
-
     /// Grant or renew the primary lease of `volume` to `server_id` (the designated primary).
     /// `expect_epoch` is the epoch a renewal holds (`None` for an acquire).
     pub async fn grant_lease(
@@ -118,8 +107,7 @@ impl Group {
         server_id: &str,
         expect_epoch: Option<u64>,
     ) -> Result<Grant, AuthError> {
-        self.linearize().await?;
-        let term = self.leader_term()?;
+        let term = self.linearize_term().await?;
         let lease_ms = self.timing.lease.as_millis() as u64;
         let (epoch, prev) = {
             // The clock lock is held while the state is read, so a renewal of an old holder
@@ -236,7 +224,7 @@ impl Group {
 /// waiting when the round started.
 async fn read_rounds(
     raft: Raft,
-    mut rx: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), AuthError>>>,
+    mut rx: mpsc::UnboundedReceiver<oneshot::Sender<Result<u64, AuthError>>>,
     group: std::sync::Weak<Group>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -245,7 +233,23 @@ async fn read_rounds(
             waiting.push(more);
         }
         let res = match raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
+            // The term is read once per round, after the confirmation: if it moved on since,
+            // the lease clock resets for the newer term, which only makes it wait longer.
+            Ok(_) => {
+                let m = raft.metrics();
+                let m = m.borrow();
+                match m.current_leader == Some(m.id) {
+                    true => Ok(m.current_term),
+                    false => Err(AuthError::NotLeader {
+                        leader_addr: m.current_leader.and_then(|l| {
+                            m.membership_config
+                                .membership()
+                                .get_node(&l)
+                                .map(|n| n.rpc_addr.clone())
+                        }),
+                    }),
+                }
+            }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(AuthError::NotLeader {
                     leader_addr: f.leader_node.map(|n| n.rpc_addr),
