@@ -153,6 +153,13 @@ pub struct AuthorityClient {
 
 /// Which group a request goes to, for remembering leaders.
 fn group_key(method: &str, params: &Value) -> String {
+    if let Some(g) = params.get("group").and_then(Value::as_str) {
+        return if g == "global" {
+            g.to_string()
+        } else {
+            format!("site:{g}")
+        };
+    }
     match params.get("site").and_then(Value::as_str) {
         Some(s) if !method.starts_with("device_") => format!("site:{s}"),
         _ => "global".to_string(),

@@ -40,7 +40,8 @@ pub struct AuthorityConfig {
     /// The sites; one tier-2 group each, beside the global group.
     pub sites: Vec<String>,
     /// The initial members of every group. The member with the lowest id initialises the
-    /// groups on first start; empty means "this process alone".
+    /// groups on first start; empty means "this process alone". A process whose `node_id` is
+    /// not listed joins an existing group: it waits until a member adds it.
     pub members: Vec<MemberConfig>,
     /// Length of a primary lease.
     pub lease_ms: u64,
@@ -117,9 +118,15 @@ impl AuthorityConfig {
         if sites.len() != self.sites.len() || self.sites.iter().any(|s| s.is_empty()) {
             return Err("sites must be distinct non-empty names".into());
         }
-        let m = &self.members;
-        if !m.is_empty() && !m.iter().any(|x| x.id == self.node_id) {
-            return Err(format!("node_id {} is not among the members", self.node_id));
+        // A node_id not among `members` is a joining member: it never initialises a group
+        // and waits to be added (cluster_add_learner, cluster_change_membership).
+        if self.members.iter().any(|x| {
+            x.id == self.node_id && (x.rpc_addr != self.rpc_addr || x.raft_addr != self.raft_addr)
+        }) {
+            return Err(format!(
+                "member {}'s addresses in `members` differ from rpc_addr/raft_addr",
+                self.node_id
+            ));
         }
         Ok(())
     }

@@ -39,6 +39,12 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` members hosting the global group and site-a, site-b.
     pub fn start(n: u64) -> Cluster {
+        Self::start_listing(n, n)
+    }
+
+    /// Start `n` members of which only the first `listed` are the groups' initial members;
+    /// the others start as joiners and wait to be added.
+    pub fn start_listing(n: u64, listed: u64) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (1..=n)
             .map(|id| Member {
@@ -51,6 +57,7 @@ impl Cluster {
             .collect();
         let members_arg = members
             .iter()
+            .take(listed as usize)
             .map(|m| format!("{}={}={}", m.id, m.raft_addr, m.rpc_addr))
             .collect::<Vec<_>>()
             .join(",");
