@@ -101,6 +101,9 @@ pub struct DeviceInfo {
     pub generation: u64,
     #[serde(default)]
     pub intent: Option<TxnIntent>,
+    /// The tier-1 lease's recorded holder (`server_id` is the site, `epoch` the generation).
+    #[serde(default)]
+    pub lease_holder: Option<LeaseHolder>,
 }
 
 /// `volume_promote` answer.

@@ -467,6 +467,55 @@ impl AuthorityClient {
         self.typed("device_get", json!({"device": device})).await
     }
 
+    /// Ask for the device's tier-1 lease for the authoritative volume in `site`. The grant's
+    /// `epoch` and `generation` are both the device's generation.
+    pub async fn device_lease_acquire(
+        &self,
+        device: &str,
+        site: &str,
+    ) -> Result<LeaseGrant, AuthError> {
+        let sent_at = Instant::now();
+        let v = self
+            .call(
+                "device_lease_acquire",
+                json!({"device": device, "site": site}),
+            )
+            .await?;
+        self.device_grant(sent_at, v)
+    }
+
+    pub async fn device_lease_renew(
+        &self,
+        device: &str,
+        site: &str,
+        generation: u64,
+    ) -> Result<LeaseGrant, AuthError> {
+        let sent_at = Instant::now();
+        let v = self
+            .call(
+                "device_lease_renew",
+                json!({"device": device, "site": site, "generation": generation}),
+            )
+            .await?;
+        self.device_grant(sent_at, v)
+    }
+
+    fn device_grant(&self, sent_at: Instant, v: Value) -> Result<LeaseGrant, AuthError> {
+        let generation = v["generation"].as_u64();
+        let lease_ms = v["lease_ms"].as_u64();
+        match (generation, lease_ms) {
+            (Some(generation), Some(lease_ms)) => Ok(self.grant(
+                sent_at,
+                LeaseReply {
+                    epoch: generation,
+                    generation,
+                    lease_ms,
+                },
+            )),
+            _ => Err(AuthError::Internal(format!("bad device lease answer: {v}"))),
+        }
+    }
+
     /// Make `site`'s volume the device's authoritative one (two-phase commit across groups).
     pub async fn volume_promote(
         &self,

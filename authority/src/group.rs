@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::AuthError;
 use crate::lease::LeaseClock;
-use crate::state::{Command, LeaseHolder, Outcome};
+use crate::state::{Command, GroupState, LeaseHolder, Outcome};
 use crate::storage::{LogStore, SharedState};
 use crate::types::{GroupId, MemberAddr, NodeId, Raft};
 
@@ -18,6 +18,14 @@ use crate::types::{GroupId, MemberAddr, NodeId, Raft};
 pub struct LeaseTiming {
     pub lease: Duration,
     pub drift_margin: Duration,
+}
+
+/// What a lease decision reads about the leased volume or device.
+struct LeaseView {
+    /// The epoch a holder is identified by (a volume's epoch, a device's generation).
+    epoch: u64,
+    generation: u64,
+    recorded: Option<LeaseHolder>,
 }
 
 /// A granted primary lease, as the authority answers it.
@@ -107,75 +115,133 @@ impl Group {
         server_id: &str,
         expect_epoch: Option<u64>,
     ) -> Result<Grant, AuthError> {
-        let term = self.linearize_term().await?;
-        let lease_ms = self.timing.lease.as_millis() as u64;
-        let (epoch, prev) = {
-            // The clock lock is held while the state is read, so a renewal of an old holder
-            // and the grant to a new one are decided in one order.
-            let mut clock = self.clock.lock().expect("lease clock");
-            let now = Instant::now();
-            clock.observe_term(term, now, self.timing.lease + self.timing.drift_margin);
-            let st = self.state.read().expect("state lock");
+        let read = |st: &GroupState| {
             let v = st
-                .state
                 .volumes
                 .get(volume)
                 .ok_or_else(|| AuthError::UnknownVolume {
                     volume: volume.to_string(),
                 })?;
-            if let Some(e) = expect_epoch {
-                if e != v.epoch {
-                    return Err(AuthError::StaleEpoch {
-                        epoch: v.epoch,
-                        generation: v.generation,
-                    });
-                }
+            if expect_epoch.is_some_and(|e| e != v.epoch) {
+                return Err(AuthError::StaleEpoch {
+                    epoch: v.epoch,
+                    generation: v.generation,
+                });
             }
             if v.primary.as_deref() != Some(server_id) {
                 return Err(AuthError::NotPrimary {
                     primary: v.primary.clone(),
                 });
             }
-            let me = LeaseHolder {
-                server_id: server_id.to_string(),
+            Ok(LeaseView {
                 epoch: v.epoch,
+                generation: v.generation,
+                recorded: v.lease_holder.clone(),
+            })
+        };
+        let propose = |epoch, prev| Command::GrantLease {
+            volume: volume.to_string(),
+            server_id: server_id.to_string(),
+            epoch,
+            prev,
+        };
+        self.grant(volume, server_id, read, propose).await
+    }
+
+    /// Grant or renew the tier-1 lease of `device` to its authoritative volume (named by its
+    /// site). The lease's epoch is the device's generation: after a promotion the new
+    /// authoritative volume waits until the old one's lease could have run out.
+    pub async fn grant_device_lease(
+        &self,
+        device: &str,
+        site: &str,
+        expect_generation: Option<u64>,
+    ) -> Result<Grant, AuthError> {
+        let read = |st: &GroupState| {
+            let d = st
+                .devices
+                .get(device)
+                .ok_or_else(|| AuthError::UnknownDevice {
+                    device: device.to_string(),
+                })?;
+            if expect_generation.is_some_and(|g| g != d.generation) {
+                return Err(AuthError::StaleEpoch {
+                    epoch: 0,
+                    generation: d.generation,
+                });
+            }
+            if d.authoritative_site != site {
+                return Err(AuthError::NotPrimary {
+                    primary: Some(d.authoritative_site.clone()),
+                });
+            }
+            Ok(LeaseView {
+                epoch: d.generation,
+                generation: d.generation,
+                recorded: d.lease_holder.clone(),
+            })
+        };
+        let propose = |generation, prev| Command::GrantDeviceLease {
+            device: device.to_string(),
+            site: site.to_string(),
+            generation,
+            prev,
+        };
+        self.grant(&format!("device:{device}"), site, read, propose)
+            .await
+    }
+
+    /// The lease decision shared by both tiers; `key` names the leased thing in the clock.
+    async fn grant(
+        &self,
+        key: &str,
+        holder: &str,
+        read: impl FnOnce(&GroupState) -> Result<LeaseView, AuthError>,
+        propose: impl FnOnce(u64, Option<LeaseHolder>) -> Command,
+    ) -> Result<Grant, AuthError> {
+        let term = self.linearize_term().await?;
+        let lease_ms = self.timing.lease.as_millis() as u64;
+        let (cmd, epoch_held) = {
+            // The clock lock is held while the state is read, so a renewal of an old holder
+            // and the grant to a new one are decided in one order.
+            let mut clock = self.clock.lock().expect("lease clock");
+            let now = Instant::now();
+            clock.observe_term(term, now, self.timing.lease + self.timing.drift_margin);
+            let st = self.state.read().expect("state lock");
+            let view = read(&st.state)?;
+            let me = LeaseHolder {
+                server_id: holder.to_string(),
+                epoch: view.epoch,
             };
-            if v.lease_holder.as_ref() == Some(&me) {
+            if view.recorded.as_ref() == Some(&me) {
                 // Renewal by the recorded holder: leadership was confirmed after the holder
                 // sent its request, so `now + lease` is later than the holder's own deadline.
-                clock.record(volume, me, now + self.timing.lease);
+                clock.record(key, me, now + self.timing.lease);
                 return Ok(Grant {
-                    epoch: v.epoch,
-                    generation: v.generation,
+                    epoch: view.epoch,
+                    generation: view.generation,
                     lease_ms,
                 });
             }
             if let Err((holder, retry)) =
-                clock.may_grant_new(volume, &v.lease_holder, now, self.timing.drift_margin)
+                clock.may_grant_new(key, &view.recorded, now, self.timing.drift_margin)
             {
                 return Err(AuthError::LeaseHeld {
                     holder,
                     retry_after_ms: retry.as_millis() as u64 + 1,
                 });
             }
-            (v.epoch, v.lease_holder.clone())
+            (propose(view.epoch, view.recorded), view.epoch)
         };
-        let out = self
-            .write(Command::GrantLease {
-                volume: volume.to_string(),
-                server_id: server_id.to_string(),
-                epoch,
-                prev,
-            })
-            .await?;
-        match out {
+        match self.write(cmd).await? {
             Outcome::Grant { epoch, generation } => {
+                // The log's compare-and-set granted exactly the identity decided above.
                 let me = LeaseHolder {
-                    server_id: server_id.to_string(),
-                    epoch,
+                    server_id: holder.to_string(),
+                    epoch: epoch_held,
                 };
                 self.clock.lock().expect("lease clock").record(
-                    volume,
+                    key,
                     me,
                     Instant::now() + self.timing.lease,
                 );
@@ -187,6 +253,30 @@ impl Group {
             }
             other => Err(AuthError::Internal(format!("unexpected outcome {other:?}"))),
         }
+    }
+
+    /// Release the device lease (committed), then forget its deadline.
+    pub async fn release_device_lease(
+        &self,
+        device: &str,
+        site: &str,
+        generation: u64,
+    ) -> Result<(), AuthError> {
+        self.write(Command::ReleaseDeviceLease {
+            device: device.to_string(),
+            site: site.to_string(),
+            generation,
+        })
+        .await?;
+        let me = LeaseHolder {
+            server_id: site.to_string(),
+            epoch: generation,
+        };
+        self.clock
+            .lock()
+            .expect("lease clock")
+            .release(&format!("device:{device}"), &me);
+        Ok(())
     }
 
     /// Release the lease (committed), then forget its deadline.

@@ -74,6 +74,10 @@ pub struct Device {
     pub authoritative_site: String,
     pub generation: u64,
     pub intent: Option<TxnIntent>,
+    /// Tier-1 lease: which volume (by site) was granted authority, under which generation
+    /// (`LeaseHolder::server_id` holds the site, `epoch` the generation).
+    #[serde(default)]
+    pub lease_holder: Option<LeaseHolder>,
 }
 
 /// A change that a two-phase transaction holds on a record until the decision.
@@ -168,6 +172,19 @@ pub enum Command {
     },
     DeviceDelete {
         device: String,
+    },
+    /// Grant the device's tier-1 lease to its authoritative volume (by site) under
+    /// `generation`, if the recorded holder is still `prev` (compare-and-set, as GrantLease).
+    GrantDeviceLease {
+        device: String,
+        site: String,
+        generation: u64,
+        prev: Option<LeaseHolder>,
+    },
+    ReleaseDeviceLease {
+        device: String,
+        site: String,
+        generation: u64,
     },
     /// Global group: open a promotion transaction and lock the device (coordinator's prepare).
     TxnBegin {
@@ -583,6 +600,7 @@ impl GroupState {
                         authoritative_site: authoritative_site.clone(),
                         generation: 1,
                         intent: None,
+                        lease_holder: None,
                     },
                 );
                 Ok(Outcome::Done)
@@ -595,7 +613,79 @@ impl GroupState {
                         device: device.clone(),
                     })?;
                 txn_conflict(&d.intent)?;
+                if let Some(h) = &d.lease_holder {
+                    return Err(AuthError::LeaseHeld {
+                        holder: h.server_id.clone(),
+                        retry_after_ms: 0,
+                    });
+                }
                 self.devices.remove(device);
+                Ok(Outcome::Done)
+            }
+            Command::GrantDeviceLease {
+                device,
+                site,
+                generation,
+                prev,
+            } => {
+                let d = self
+                    .devices
+                    .get_mut(device)
+                    .ok_or_else(|| AuthError::UnknownDevice {
+                        device: device.clone(),
+                    })?;
+                if d.generation != *generation {
+                    return Err(AuthError::StaleEpoch {
+                        epoch: 0,
+                        generation: d.generation,
+                    });
+                }
+                if d.authoritative_site != *site {
+                    return Err(AuthError::NotPrimary {
+                        primary: Some(d.authoritative_site.clone()),
+                    });
+                }
+                let me = LeaseHolder {
+                    server_id: site.clone(),
+                    epoch: *generation,
+                };
+                if d.lease_holder.as_ref() != Some(&me) {
+                    if d.lease_holder != *prev {
+                        let holder = d
+                            .lease_holder
+                            .as_ref()
+                            .map(|h| h.server_id.clone())
+                            .unwrap_or_default();
+                        return Err(AuthError::LeaseHeld {
+                            holder,
+                            retry_after_ms: 0,
+                        });
+                    }
+                    d.lease_holder = Some(me);
+                }
+                Ok(Outcome::Grant {
+                    epoch: 0,
+                    generation: d.generation,
+                })
+            }
+            Command::ReleaseDeviceLease {
+                device,
+                site,
+                generation,
+            } => {
+                let d = self
+                    .devices
+                    .get_mut(device)
+                    .ok_or_else(|| AuthError::UnknownDevice {
+                        device: device.clone(),
+                    })?;
+                let me = LeaseHolder {
+                    server_id: site.clone(),
+                    epoch: *generation,
+                };
+                if d.lease_holder.as_ref() == Some(&me) {
+                    d.lease_holder = None;
+                }
                 Ok(Outcome::Done)
             }
             Command::TxnBegin {

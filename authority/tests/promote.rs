@@ -66,6 +66,14 @@ async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives
         (1, "vol-a")
     );
 
+    // Tier 1: site-a's volume holds authority over the device under generation 1.
+    let a_lease = c.device_lease_acquire("dev0", "site-a").await.unwrap();
+    assert_eq!(a_lease.generation, 1);
+    assert!(matches!(
+        c.device_lease_acquire("dev0", "site-b").await,
+        Err(AuthError::NotPrimary { primary: Some(p) }) if p == "site-a"
+    ));
+
     let p = c.volume_promote("dev0", "site-b", "txn-1").await.unwrap();
     assert!(p.committed);
     assert_eq!((p.generation, p.epoch), (2, 2));
@@ -79,6 +87,35 @@ async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives
     );
     let vb = c.volume_get("site-b", "vol-b").await.unwrap();
     assert_eq!((vb.generation, vb.epoch, vb.intent), (2, 2, None));
+    // The old authoritative volume is fenced; the new one gets the device lease only once
+    // the old lease could have run out.
+    assert_eq!(
+        c.device_lease_renew("dev0", "site-a", 1).await,
+        Err(AuthError::StaleEpoch {
+            epoch: 0,
+            generation: 2
+        })
+    );
+    let t = std::time::Instant::now();
+    let b_lease = loop {
+        match c.device_lease_acquire("dev0", "site-b").await {
+            Ok(g) => break g,
+            Err(AuthError::LeaseHeld {
+                holder,
+                retry_after_ms,
+            }) => {
+                assert_eq!(holder, "site-a");
+                tokio::time::sleep(Duration::from_millis(retry_after_ms.min(500))).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+    };
+    assert_eq!(b_lease.generation, 2);
+    assert!(
+        b_lease.sent_at >= a_lease.valid_until,
+        "the new authoritative volume was granted while the old one could still act"
+    );
     // The promoted volume's primary gets leases under the new generation.
     let g = c.lease_acquire("site-b", "vol-b", "b1").await.unwrap();
     assert_eq!((g.generation, g.epoch), (2, 2));

@@ -35,6 +35,9 @@ pub const METHODS: &[&str] = &[
     "device_delete",
     "device_get",
     "device_list",
+    "device_lease_acquire",
+    "device_lease_renew",
+    "device_lease_release",
     "volume_promote",
     "txn_get",
     "txn_step",
@@ -154,6 +157,16 @@ struct DeviceCreate {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DeviceLease {
+    device: String,
+    /// The site of the volume asking for authority over the device.
+    site: String,
+    #[serde(default)]
+    generation: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DeviceRef {
     device: String,
 }
@@ -246,6 +259,7 @@ fn device_info(group: &Group, device: &str) -> Result<DeviceInfo, AuthError> {
             .unwrap_or_default(),
         generation: d.generation,
         intent: d.intent.clone(),
+        lease_holder: d.lease_holder.clone(),
     })
 }
 
@@ -471,6 +485,32 @@ pub async fn call(host: &Arc<Host>, method: &str, params: Value) -> Result<Value
                 .map(|n| device_info(g, n).and_then(to_value))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Value::Array)
+        }
+        "device_lease_acquire" | "device_lease_renew" => {
+            let p: DeviceLease = parse(params)?;
+            if method == "device_lease_renew" && p.generation.is_none() {
+                return Err(AuthError::InvalidParams(
+                    "missing field `generation`".into(),
+                ));
+            }
+            let expect = if method == "device_lease_renew" {
+                p.generation
+            } else {
+                None
+            };
+            let g = host.group(&GroupId::Global)?;
+            let grant = g.grant_device_lease(&p.device, &p.site, expect).await?;
+            Ok(json!({"generation": grant.generation, "lease_ms": grant.lease_ms}))
+        }
+        "device_lease_release" => {
+            let p: DeviceLease = parse(params)?;
+            let generation = p
+                .generation
+                .ok_or_else(|| AuthError::InvalidParams("missing field `generation`".into()))?;
+            host.group(&GroupId::Global)?
+                .release_device_lease(&p.device, &p.site, generation)
+                .await?;
+            Ok(json!({}))
         }
         "volume_promote" | "txn_get" | "txn_step" => crate::txn::call(host, method, params).await,
         "config_get" => {
