@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::config::AuthorityConfig;
-use crate::host::Host;
+use crate::host::{Host, StartError};
 
 pub struct Daemon {
     pub host: Arc<Host>,
@@ -14,8 +14,13 @@ pub struct Daemon {
 
 impl Daemon {
     /// Start every group and serve JSON-RPC on the configured TCP address and Unix socket.
-    pub async fn start(config: AuthorityConfig) -> anyhow::Result<Daemon> {
-        let rpc = TcpListener::bind(&config.rpc_addr).await?;
+    pub async fn start(config: AuthorityConfig) -> Result<Daemon, StartError> {
+        let rpc = TcpListener::bind(&config.rpc_addr)
+            .await
+            .map_err(|source| StartError::Io {
+                what: format!("bind rpc address {}", config.rpc_addr),
+                source,
+            })?;
         let unix = config.unix_socket.clone();
         let host = Host::start(config).await?;
         let recovery = std::time::Duration::from_millis(host.config.txn_recovery_after_ms);
@@ -24,7 +29,14 @@ impl Daemon {
             tokio::spawn(crate::txn::recovery_loop(host.clone(), recovery)),
         ];
         if let Some(path) = unix {
-            tasks.push(crate::rpc::serve_unix(host.clone(), &path).await?);
+            tasks.push(
+                crate::rpc::serve_unix(host.clone(), &path)
+                    .await
+                    .map_err(|source| StartError::Io {
+                        what: format!("bind unix socket {}", path.display()),
+                        source,
+                    })?,
+            );
         }
         Ok(Daemon { host, tasks })
     }

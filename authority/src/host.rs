@@ -14,6 +14,29 @@ use crate::network::{self, GroupNetwork, GroupTable};
 use crate::storage::{LogStore, StateMachineStore};
 use crate::types::{GroupId, Raft};
 
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.into();
+    move |source| StartError::Io { what, source }
+}
+
+fn raft_err(e: impl std::fmt::Display) -> StartError {
+    StartError::Raft(e.to_string())
+}
+
 /// Every group of this process, by id.
 pub struct Host {
     pub config: AuthorityConfig,
@@ -25,8 +48,8 @@ pub struct Host {
 impl Host {
     /// Open every group's store, start its Raft instance, serve Raft traffic, and initialise
     /// the groups if this is the first start of the lowest-numbered member.
-    pub async fn start(config: AuthorityConfig) -> anyhow::Result<Arc<Host>> {
-        config.validate().map_err(anyhow::Error::msg)?;
+    pub async fn start(config: AuthorityConfig) -> Result<Arc<Host>, StartError> {
+        config.validate().map_err(StartError::Config)?;
         let raft_config = Arc::new(
             openraft::Config {
                 cluster_name: "tandem-authority".into(),
@@ -39,7 +62,8 @@ impl Host {
                 max_payload_entries: 1024,
                 ..Default::default()
             }
-            .validate()?,
+            .validate()
+            .map_err(|e| StartError::Config(e.to_string()))?,
         );
         let timing = LeaseTiming {
             lease: Duration::from_millis(config.lease_ms),
@@ -51,8 +75,9 @@ impl Host {
             std::iter::once(GroupId::Global).chain(config.sites.iter().cloned().map(GroupId::Site));
         for id in ids {
             let dir = config.data_dir.join(id.dir_name());
-            let log = LogStore::open(&dir)?;
-            let sm = StateMachineStore::open(&dir)?;
+            let log = LogStore::open(&dir).map_err(io(format!("open log in {}", dir.display())))?;
+            let sm = StateMachineStore::open(&dir)
+                .map_err(io(format!("open snapshot in {}", dir.display())))?;
             let state = sm.shared();
             let raft = Raft::new(
                 config.node_id,
@@ -61,7 +86,8 @@ impl Host {
                 log.clone(),
                 sm,
             )
-            .await?;
+            .await
+            .map_err(raft_err)?;
             table
                 .write()
                 .expect("group table")
@@ -71,7 +97,9 @@ impl Host {
                 Group::new(id, config.node_id, raft, state, log, timing),
             );
         }
-        let listener = TcpListener::bind(&config.raft_addr).await?;
+        let listener = TcpListener::bind(&config.raft_addr)
+            .await
+            .map_err(io(format!("bind raft address {}", config.raft_addr)))?;
         let raft_task = tokio::spawn(network::serve(listener, table.clone()));
 
         let members = config.initial_members();
@@ -83,9 +111,9 @@ impl Host {
         if lowest == config.node_id {
             let map: BTreeMap<_, _> = members.iter().map(|m| (m.id, m.addr())).collect();
             for g in groups.values() {
-                if !g.raft.is_initialized().await? {
+                if !g.raft.is_initialized().await.map_err(raft_err)? {
                     tracing::info!(group = %g.id, members = ?map.keys(), "initialising group");
-                    g.raft.initialize(map.clone()).await?;
+                    g.raft.initialize(map.clone()).await.map_err(raft_err)?;
                 }
             }
         }
