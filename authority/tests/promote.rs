@@ -136,3 +136,88 @@ async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives
     assert_eq!(c.volume_get("site-a", "vol-a").await.unwrap().generation, 3);
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_loop_aborts_a_transaction_whose_coordinator_died_after_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = AuthorityConfig {
+        data_dir: dir.path().join("data"),
+        rpc_addr: free_addr(),
+        raft_addr: free_addr(),
+        unix_socket: None,
+        heartbeat_ms: 50,
+        election_timeout_min_ms: 150,
+        election_timeout_max_ms: 300,
+        txn_recovery_after_ms: 300,
+        ..Default::default()
+    };
+    let d = start(&config).await;
+    let c = AuthorityClient::new(vec![config.rpc_addr.clone()]);
+    for (site, vol, server) in [("site-a", "vol-a", "a1"), ("site-b", "vol-b", "b1")] {
+        c.server_register(site, server, "d", "a").await.unwrap();
+        c.volume_create(site, vol, "dev0", 1 << 20, 512, &[server])
+            .await
+            .unwrap();
+    }
+    c.device_create(
+        "dev0",
+        1 << 20,
+        512,
+        &[("site-a", "vol-a"), ("site-b", "vol-b")],
+        "site-a",
+    )
+    .await
+    .unwrap();
+    // A coordinator that began and prepared, then died: drive its two steps by hand.
+    let begin = serde_json::json!({"command": {"TxnBegin": {"txn_id": "dead", "device": "dev0", "to_site": "site-b"}}});
+    c.call("txn_step", begin).await.unwrap();
+    let prepare = serde_json::json!({"site": "site-b", "command": {"TxnPrepare": {"txn_id": "dead", "volume": "vol-b", "new_generation": 2, "to_site": "site-b"}}});
+    c.call("txn_step", prepare).await.unwrap();
+    assert!(c.device_get("dev0").await.unwrap().intent.is_some());
+    assert_eq!(
+        c.failover_request("site-b", "vol-b", "blocked by the intent", true)
+            .await,
+        Err(AuthError::TxnConflict {
+            txn_id: "dead".into()
+        })
+    );
+    // txn_step refuses anything but transaction commands.
+    let sneaky =
+        serde_json::json!({"site": "site-b", "command": {"VolumeDelete": {"volume": "vol-b"}}});
+    assert!(matches!(
+        c.call("txn_step", sneaky).await,
+        Err(AuthError::InvalidParams(_))
+    ));
+
+    let t = std::time::Instant::now();
+    loop {
+        let rec = c
+            .call("txn_get", serde_json::json!({"txn_id": "dead"}))
+            .await
+            .unwrap();
+        if rec["finished"] == true {
+            assert_eq!(rec["decision"], false, "{rec}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "not recovered: {rec}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dev = c.device_get("dev0").await.unwrap();
+    assert_eq!(
+        (dev.generation, dev.authoritative_site.as_str(), dev.intent),
+        (1, "site-a", None)
+    );
+    let vb = c.volume_get("site-b", "vol-b").await.unwrap();
+    assert_eq!((vb.generation, vb.epoch, vb.intent), (1, 1, None));
+    // Unlocked: a new promotion goes through.
+    assert!(
+        c.volume_promote("dev0", "site-b", "alive")
+            .await
+            .unwrap()
+            .committed
+    );
+    d.shutdown().await;
+}
