@@ -26,7 +26,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Waits for the one request in flight on `q` and returns its `ret` (0 or -errno).
-fn complete(q: &mut Blkioq, user_data: usize) -> i32 {
+fn complete(t: &Target, q: &mut Blkioq, user_data: usize) -> i32 {
     let mut done = [MaybeUninit::<Completion>::uninit()];
     let mut timeout = Duration::from_secs(10);
     let n = q
@@ -36,6 +36,10 @@ fn complete(q: &mut Blkioq, user_data: usize) -> i32 {
     // SAFETY: do_io initialised the first `n` (= 1) completions.
     let c = unsafe { done[0].assume_init_read() };
     assert_eq!(c.user_data, user_data);
+    if c.ret != 0 {
+        // The target's log says why (bad requests are logged with their reason).
+        eprintln!("request {user_data} failed ({}):\n{}", c.ret, t.log());
+    }
     c.ret
 }
 
@@ -84,9 +88,9 @@ fn libblkio_client_writes_reads_zeroes_flushes_and_reconnects() {
 
         // A FUA write on queue 0, read back on queue 1.
         queues[0].write(AT, wbuf.as_ptr(), LEN, 1, ReqFlags::FUA);
-        assert_eq!(complete(&mut queues[0], 1), 0, "write failed");
+        assert_eq!(complete(&t, &mut queues[0], 1), 0, "write failed");
         queues[1].read(AT, rbuf.as_mut_ptr(), LEN, 2, ReqFlags::empty());
-        assert_eq!(complete(&mut queues[1], 2), 0, "read failed");
+        assert_eq!(complete(&t, &mut queues[1], 2), 0, "read failed");
         assert!(
             rbuf[..] == data[..],
             "read back differs from what was written"
@@ -100,9 +104,9 @@ fn libblkio_client_writes_reads_zeroes_flushes_and_reconnects() {
 
         // WRITE_ZEROES over the first 64 KiB, then FLUSH.
         queues[0].write_zeroes(AT, 64 << 10, 3, ReqFlags::empty());
-        assert_eq!(complete(&mut queues[0], 3), 0, "write-zeroes failed");
+        assert_eq!(complete(&t, &mut queues[0], 3), 0, "write-zeroes failed");
         queues[0].flush(4, ReqFlags::empty());
-        assert_eq!(complete(&mut queues[0], 4), 0, "flush failed");
+        assert_eq!(complete(&t, &mut queues[0], 4), 0, "flush failed");
         file.read_exact_at(&mut on_disk, AT).unwrap();
         assert!(on_disk[..64 << 10].iter().all(|&b| b == 0));
         assert!(on_disk[64 << 10..] == data[64 << 10..]);
@@ -110,18 +114,22 @@ fn libblkio_client_writes_reads_zeroes_flushes_and_reconnects() {
         // A read past the end of the disk is refused, and the queue serves on.
         queues[1].read(DISK, rbuf.as_mut_ptr(), 4096, 5, ReqFlags::empty());
         assert!(
-            complete(&mut queues[1], 5) < 0,
+            complete(&t, &mut queues[1], 5) < 0,
             "read past the end succeeded"
         );
         queues[1].read(AT, rbuf.as_mut_ptr(), 4096, 6, ReqFlags::empty());
-        assert_eq!(complete(&mut queues[1], 6), 0);
+        assert_eq!(complete(&t, &mut queues[1], 6), 0);
     }
 
     // The client went away; a new one on the same socket sees the same bytes.
     let (mut b, mut queues) = connect(&sock, 1);
     let (_r, buf) = region(&mut b, LEN);
     queues[0].read(AT, buf.as_mut_ptr(), LEN, 7, ReqFlags::empty());
-    assert_eq!(complete(&mut queues[0], 7), 0);
+    assert_eq!(
+        complete(&t, &mut queues[0], 7),
+        0,
+        "read after reconnect failed"
+    );
     assert!(buf[..64 << 10].iter().all(|&b| b == 0));
     assert!(buf[64 << 10..] == data[64 << 10..]);
 }

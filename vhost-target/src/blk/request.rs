@@ -84,6 +84,17 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// An address the request names is not in the memory table it was parsed
+    /// against (which may be older than the request: see the queue worker).
+    pub fn outside_memory(self) -> bool {
+        matches!(
+            self,
+            RequestError::StatusOutsideMemory
+                | RequestError::HeaderOutsideMemory
+                | RequestError::DataOutsideMemory
+        )
+    }
+
     /// The status the guest gets, per the virtio spec: UNSUPP for request
     /// types and flags the device does not implement, IOERR for the rest.
     pub fn status(self) -> Status {

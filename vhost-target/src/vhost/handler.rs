@@ -557,6 +557,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             .insert_region(Arc::new(r))
             .map_err(|e| handler_err(format!("add memory region: {e}")))?;
         self.replace_memory(mem);
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        debug!(gpa, size, "memory region added");
         self.mappings.push(AddrMapping {
             vmm_addr: region.user_addr,
             size: region.memory_size,

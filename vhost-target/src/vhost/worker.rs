@@ -248,6 +248,7 @@ impl RunningQueue {
             &self.counters,
             &mut self.broken,
         );
+        let mem_now = &self.mem;
         // One read of avail.idx per batch (the iterator takes it once).
         let mut avail = match self.queue.iter(mem) {
             Ok(it) => it,
@@ -266,6 +267,14 @@ impl RunningQueue {
             let slot = &mut slots[slot_idx as usize];
             let parsed = parse_request(chain, mem, &dev.geometry, &mut slot.iovs);
             match parsed.action {
+                Action::Fail(e) if e.outside_memory() && memory_replaced(guard, mem_now) => {
+                    // The frontend added memory (ADD_MEM_REG, acknowledged) after this
+                    // pass loaded its snapshot, then posted a request that uses it. Not a
+                    // bad request: put it back; the next pass loads the new table.
+                    avail.go_to_previous_position();
+                    n -= 1;
+                    break;
+                }
                 Action::Fail(e) => {
                     dev.bad_requests.fetch_add(1, Ordering::Relaxed);
                     debug!(queue = index, head, "bad request: {e}");
@@ -407,6 +416,11 @@ impl RunningQueue {
             false
         }
     }
+}
+
+/// The session thread has replaced the memory table since `guard` was loaded.
+fn memory_replaced(guard: &MemGuard, mem: &Mem) -> bool {
+    !std::ptr::eq::<GuestMem>(&**guard, &*mem.memory())
 }
 
 /// Returns a chain to the driver (visible at the next publish).

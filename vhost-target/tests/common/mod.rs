@@ -41,7 +41,10 @@ impl Target {
             .arg("-S")
             .arg(dir.path())
             .args(["-m", "0x1"])
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
