@@ -1,0 +1,7 @@
+//! Tandem's storage server (`replicator serve`) and the client side of its replication
+//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
+
+pub mod authority;
+pub mod authority_rpc;
+pub mod frame;
+pub mod store;
