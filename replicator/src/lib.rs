@@ -3,5 +3,8 @@
 
 pub mod authority;
 pub mod authority_rpc;
+pub mod conn;
 pub mod frame;
+pub mod health;
+pub mod server;
 pub mod store;

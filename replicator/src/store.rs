@@ -66,6 +66,17 @@ pub struct VolumeMeta {
     /// Sequence numbers below this may have been used by this server as primary in
     /// `epoch`; a restarted primary continues above it so seq never goes back.
     pub seq_reserved: u64,
+    /// Kernel boot id when this replica was last opened. A replica opened after a reboot
+    /// may have lost writes it acknowledged from the page cache (replicated writes are
+    /// acknowledged before fdatasync), so it drops `synced` and is rebuilt by a full copy.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+fn current_boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Injected disk faults for tests: while set, the named operation fails with that errno.
@@ -392,6 +403,7 @@ impl ReplicaStore {
             followed_epoch: 0,
             synced: false,
             seq_reserved: 0,
+            boot_id: current_boot_id(),
         };
         // The metadata goes last: a crash before it leaves no half-created volume visible.
         write_meta(&dir, &meta).map_err(io)?;
