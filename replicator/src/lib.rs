@@ -3,8 +3,11 @@
 
 pub mod authority;
 pub mod authority_rpc;
+pub mod cli;
 pub mod conn;
 pub mod frame;
 pub mod health;
+pub mod pipeline;
 pub mod server;
+pub mod stamp;
 pub mod store;

@@ -115,6 +115,13 @@ impl Peer {
     }
 }
 
+/// A replicated operation sent to one peer: (peer, it was in sync, its answer if it went out).
+type PeerSend = (
+    Arc<Peer>,
+    bool,
+    Option<tokio::sync::oneshot::Receiver<Result<Frame, crate::conn::LinkError>>>,
+);
+
 /// Lease validity without a lock: the ack path reads two atomics.
 #[derive(Debug)]
 struct LeaseClock {
@@ -667,11 +674,7 @@ impl VolumeRuntime {
     /// deadline; a peer that fails is marked out of sync before anything is acknowledged.
     async fn await_peers(
         &self,
-        sends: Vec<(
-            Arc<Peer>,
-            bool,
-            Option<tokio::sync::oneshot::Receiver<Result<Frame, crate::conn::LinkError>>>,
-        )>,
+        sends: Vec<PeerSend>,
         off: u64,
         len: u64,
         all: bool,

@@ -1,0 +1,484 @@
+//! `ReplicationPipeline`: the client side that `vhost-target`'s queue workers feed.
+//!
+//! Each worker thread owns a [`PipelineWorker`]: a bounded lock-free submission queue and a
+//! completion queue (`crossbeam::queue::ArrayQueue`), sized to the worker's queue depth so
+//! neither push can fail once a request was admitted. The network side is one thread running
+//! a tokio runtime: it drains the submission queues, sends frames to the primary (one
+//! pipelined connection, frames batched by the link's writer), and pushes completions back.
+//!
+//! Failover: the network side learns the primary from the authority. A fencing error, a
+//! redirect (`NotPrimary`), a lease that is not valid or a dropped connection makes it ask the
+//! authority again and resend every request that has no answer yet, in submission order, to
+//! the (new) primary. A request completes exactly once: its completion is produced only when
+//! it leaves the in-flight table, and answers from a replaced connection are ignored.
+
+use crate::authority::Authority;
+use crate::conn::{LinkEvent, PeerLink};
+use crate::frame::{ErrorBody, ErrorCode, Header, MsgKind, VolumeName, FLAG_FUA, MAX_PAYLOAD};
+use crossbeam::queue::{ArrayQueue, SegQueue};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::{mpsc, Notify};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    Discard,
+}
+
+#[derive(Debug, Clone)]
+pub struct IoRequest {
+    /// The submitter's own id for this request, returned in its completion.
+    pub tag: u64,
+    pub kind: IoKind,
+    pub offset: u64,
+    /// Bytes to read, zero or discard (a write's length is `data.len()`).
+    pub len: u32,
+    pub data: Vec<u8>,
+    pub fua: bool,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum IoError {
+    #[error("server refused: {code:?}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("no answer within the request timeout")]
+    TimedOut,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct IoCompletion {
+    pub tag: u64,
+    /// Read data for reads, empty otherwise.
+    pub result: Result<Vec<u8>, IoError>,
+}
+
+#[derive(Clone)]
+pub struct PipelineConfig {
+    pub site: String,
+    pub volume: String,
+    pub authority: Arc<dyn Authority>,
+    /// A request with no answer after this long completes with `TimedOut`.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Pause between attempts to find a primary.
+    pub retry_backoff: Duration,
+}
+
+impl PipelineConfig {
+    pub fn new(site: &str, volume: &str, authority: Arc<dyn Authority>) -> Self {
+        Self {
+            site: site.to_owned(),
+            volume: volume.to_owned(),
+            authority,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WorkerQueues {
+    sq: ArrayQueue<IoRequest>,
+    cq: ArrayQueue<IoCompletion>,
+    inflight: AtomicUsize,
+    depth: usize,
+}
+
+struct Shared {
+    new_workers: SegQueue<Arc<WorkerQueues>>,
+    notify: Notify,
+    stop: AtomicBool,
+}
+
+/// One submitter's queues. `Send` but meant to stay on one thread (a queue worker).
+pub struct PipelineWorker {
+    q: Arc<WorkerQueues>,
+    shared: Arc<Shared>,
+}
+
+impl PipelineWorker {
+    /// Queues a request; gives it back when the worker already has `depth` in flight.
+    pub fn submit(&self, req: IoRequest) -> Result<(), IoRequest> {
+        if self.q.inflight.load(Ordering::Acquire) >= self.q.depth {
+            return Err(req);
+        }
+        self.q.inflight.fetch_add(1, Ordering::AcqRel);
+        // Cannot be full: at most `depth` requests are in flight and sq holds `depth`.
+        self.q.sq.push(req).expect("bounded by inflight");
+        self.shared.notify.notify_one();
+        Ok(())
+    }
+
+    /// A completion, if one is ready (never blocks).
+    pub fn poll(&self) -> Option<IoCompletion> {
+        let c = self.q.cq.pop()?;
+        self.q.inflight.fetch_sub(1, Ordering::AcqRel);
+        Some(c)
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.q.inflight.load(Ordering::Acquire)
+    }
+
+    /// Waits for a completion up to `timeout` by polling with a growing pause (for tools
+    /// and tests; a queue worker polls).
+    pub fn wait(&self, timeout: Duration) -> Option<IoCompletion> {
+        let end = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(10);
+        loop {
+            if let Some(c) = self.poll() {
+                return Some(c);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
+    }
+}
+
+pub struct ReplicationPipeline {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicationPipeline {
+    /// Starts the network side on its own thread.
+    pub fn start(cfg: PipelineConfig) -> std::io::Result<Self> {
+        VolumeName::new(&cfg.volume)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let shared = Arc::new(Shared {
+            new_workers: SegQueue::new(),
+            notify: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("pipeline-{}", cfg.volume))
+            .spawn(move || rt.block_on(NetSide::new(cfg, s).run()))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A new submitter with room for `depth` requests in flight.
+    pub fn worker(&self, depth: usize) -> PipelineWorker {
+        let q = Arc::new(WorkerQueues {
+            sq: ArrayQueue::new(depth.max(1)),
+            cq: ArrayQueue::new(depth.max(1)),
+            inflight: AtomicUsize::new(0),
+            depth: depth.max(1),
+        });
+        self.shared.new_workers.push(q.clone());
+        self.shared.notify.notify_one();
+        PipelineWorker {
+            q,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for ReplicationPipeline {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.notify.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Pending {
+    worker: usize,
+    req: IoRequest,
+    /// The link it was last sent on, if it is waiting for an answer there.
+    sent_on: Option<u64>,
+    deadline: Instant,
+}
+
+struct NetSide {
+    cfg: PipelineConfig,
+    volume: VolumeName,
+    shared: Arc<Shared>,
+    workers: Vec<Arc<WorkerQueues>>,
+    inflight: BTreeMap<u64, Pending>,
+    next_order: u64,
+    link: Option<PeerLink>,
+    fence: (u64, u64),
+    need_refresh: bool,
+    next_refresh: Instant,
+    events_tx: mpsc::UnboundedSender<LinkEvent>,
+    events_rx: mpsc::UnboundedReceiver<LinkEvent>,
+}
+
+impl NetSide {
+    fn new(cfg: PipelineConfig, shared: Arc<Shared>) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Self {
+            volume: VolumeName::new(&cfg.volume).expect("checked in start"),
+            cfg,
+            shared,
+            workers: Vec::new(),
+            inflight: BTreeMap::new(),
+            next_order: 1,
+            link: None,
+            fence: (0, 0),
+            need_refresh: true,
+            next_refresh: Instant::now(),
+            events_tx,
+            events_rx,
+        }
+    }
+
+    fn complete(&mut self, order: u64, result: Result<Vec<u8>, IoError>) {
+        if let Some(p) = self.inflight.remove(&order) {
+            let q = &self.workers[p.worker];
+            // Cannot be full: the worker has at most `depth` requests outstanding.
+            q.cq.push(IoCompletion {
+                tag: p.req.tag,
+                result,
+            })
+            .expect("completion queue bounded by depth");
+        }
+    }
+
+    fn drain_submissions(&mut self) {
+        while let Some(w) = self.shared.new_workers.pop() {
+            self.workers.push(w);
+        }
+        let deadline = Instant::now() + self.cfg.request_timeout;
+        for wi in 0..self.workers.len() {
+            while let Some(req) = self.workers[wi].sq.pop() {
+                let order = self.next_order;
+                self.next_order += 1;
+                self.inflight.insert(
+                    order,
+                    Pending {
+                        worker: wi,
+                        req,
+                        sent_on: None,
+                        deadline,
+                    },
+                );
+                if let Some(why) = self.invalid(order) {
+                    self.complete(order, Err(IoError::Invalid(why)));
+                }
+            }
+        }
+    }
+
+    fn invalid(&self, order: u64) -> Option<String> {
+        let r = &self.inflight[&order].req;
+        match r.kind {
+            IoKind::Write if r.data.len() > MAX_PAYLOAD => Some("write larger than a frame".into()),
+            IoKind::Read if r.len as usize > MAX_PAYLOAD => Some("read larger than a frame".into()),
+            _ => None,
+        }
+    }
+
+    async fn refresh(&mut self) {
+        self.next_refresh = Instant::now() + self.cfg.retry_backoff;
+        let info = match self
+            .cfg
+            .authority
+            .volume_get(&self.cfg.site, &self.cfg.volume)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(error = %e, "pipeline: volume_get");
+                return;
+            }
+        };
+        let Some(p) = info.primary_entry().filter(|p| !p.data_addr.is_empty()) else {
+            return;
+        };
+        let same = self
+            .link
+            .as_ref()
+            .is_some_and(|l| l.addr() == p.data_addr && !l.is_closed());
+        if !same {
+            if let Some(old) = self.link.take() {
+                old.close();
+            }
+            match PeerLink::connect(
+                &p.data_addr,
+                self.cfg.connect_timeout,
+                Some(self.events_tx.clone()),
+            )
+            .await
+            {
+                Ok(l) => self.link = Some(l),
+                Err(e) => {
+                    tracing::debug!(error = %e, "pipeline: connect to primary");
+                    return;
+                }
+            }
+        }
+        self.fence = (info.generation, info.epoch);
+        self.need_refresh = false;
+        // Everything not answered on the current link goes again, in submission order.
+        let cur = self.link.as_ref().map(PeerLink::id);
+        for p in self.inflight.values_mut() {
+            if p.sent_on != cur {
+                p.sent_on = None;
+            }
+        }
+    }
+
+    fn send_unsent(&mut self) {
+        let Some(link) = &self.link else { return };
+        let lid = link.id();
+        for (&order, p) in self.inflight.iter_mut() {
+            if p.sent_on.is_some() {
+                continue;
+            }
+            let r = &p.req;
+            let kind = match r.kind {
+                IoKind::Read => MsgKind::Read,
+                IoKind::Write => MsgKind::Write,
+                IoKind::Flush => MsgKind::Flush,
+                IoKind::WriteZeroes => MsgKind::WriteZeroes,
+                IoKind::Discard => MsgKind::Discard,
+            };
+            let mut h = Header::new(kind, order, self.volume.clone());
+            h.generation = self.fence.0;
+            h.epoch = self.fence.1;
+            h.offset = r.offset;
+            h.length = if r.kind == IoKind::Write {
+                r.data.len() as u32
+            } else {
+                r.len
+            };
+            if r.fua {
+                h.flags |= FLAG_FUA;
+            }
+            let body: &[u8] = if r.kind == IoKind::Write {
+                &r.data
+            } else {
+                &[]
+            };
+            if link.send_evented(&h, body).is_err() {
+                self.need_refresh = true;
+                return;
+            }
+            p.sent_on = Some(lid);
+        }
+    }
+
+    fn on_event(&mut self, (lid, rid, res): LinkEvent) {
+        let current = self.link.as_ref().map(PeerLink::id);
+        if Some(lid) != current {
+            return;
+        }
+        let Some(order) = rid else {
+            // The connection to the primary is gone.
+            self.link = None;
+            self.need_refresh = true;
+            for p in self.inflight.values_mut() {
+                if p.sent_on == Some(lid) {
+                    p.sent_on = None;
+                }
+            }
+            return;
+        };
+        if self.inflight.get(&order).and_then(|p| p.sent_on) != Some(lid) {
+            return;
+        }
+        let f = match res {
+            Ok(f) => f,
+            Err(_) => return,
+        };
+        if f.header.kind == MsgKind::Ok {
+            self.complete(order, Ok(f.payload));
+            return;
+        }
+        let body = ErrorBody::decode(&f.payload).unwrap_or(ErrorBody {
+            code: ErrorCode::Invalid,
+            message: "undecodable error answer".into(),
+        });
+        match body.code {
+            // Someone else is (or is about to be) primary, or this one cannot ack right now:
+            // find the primary again and resend.
+            ErrorCode::StaleEpoch
+            | ErrorCode::NotPrimary
+            | ErrorCode::NotReady
+            | ErrorCode::LeaseExpired
+            | ErrorCode::ReplicationFailed => {
+                if let Some(p) = self.inflight.get_mut(&order) {
+                    p.sent_on = None;
+                }
+                self.need_refresh = true;
+            }
+            code => self.complete(
+                order,
+                Err(IoError::Server {
+                    code,
+                    message: body.message,
+                }),
+            ),
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&o, _)| o)
+            .collect();
+        for o in late {
+            self.complete(o, Err(IoError::TimedOut));
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            self.drain_submissions();
+            if self.shared.stop.load(Ordering::SeqCst) && self.inflight.is_empty() {
+                return;
+            }
+            if (self.need_refresh || self.link.is_none())
+                && !self.inflight.is_empty()
+                && Instant::now() >= self.next_refresh
+            {
+                self.refresh().await;
+            }
+            if !self.need_refresh {
+                self.send_unsent();
+            }
+            self.expire();
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.on_event(ev);
+            }
+            let wait = if self.need_refresh && !self.inflight.is_empty() {
+                self.next_refresh.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_millis(100)
+            };
+            tokio::select! {
+                _ = self.shared.notify.notified() => {}
+                ev = self.events_rx.recv() => {
+                    if let Some(ev) = ev { self.on_event(ev); }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
