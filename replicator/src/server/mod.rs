@@ -292,11 +292,20 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
             continue;
         }
         let Some(vol) = ctx.volume(&f.header.volume) else {
-            ctx.stats.unknown_volume.fetch_add(1, Ordering::Relaxed);
-            let fail = Fail::new(
-                ErrorCode::UnknownVolume,
-                format!("no volume {:?} on this server", f.header.volume.as_str()),
-            );
+            let configured = ctx
+                .config
+                .volumes
+                .iter()
+                .any(|v| v == f.header.volume.as_str());
+            let fail = if configured {
+                Fail::new(ErrorCode::NotReady, "volume is still loading")
+            } else {
+                ctx.stats.unknown_volume.fetch_add(1, Ordering::Relaxed);
+                Fail::new(
+                    ErrorCode::UnknownVolume,
+                    format!("no volume {:?} on this server", f.header.volume.as_str()),
+                )
+            };
             let _ = tx.send(answer_err(&f.header, &fail));
             continue;
         };

@@ -418,7 +418,20 @@ impl VolumeRuntime {
         }
     }
 
+    /// Connects an in-sync peer, retrying for a few replicate timeouts (a peer that starts
+    /// with this server may still be loading the volume).
     async fn connect_in_sync(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
+        let end = Instant::now() + 3 * self.ctx.config.replicate_timeout;
+        loop {
+            match self.connect_in_sync_once(p, epoch).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= end => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    async fn connect_in_sync_once(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
         let link = self.connect_peer(p).await?;
         // DONE first: the peer is in sync at this epoch, so this primary's bitmap for it is
         // from now on what it may lack.
