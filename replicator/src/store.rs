@@ -71,6 +71,11 @@ pub struct VolumeMeta {
     /// acknowledged before fdatasync), so it drops `synced` and is rebuilt by a full copy.
     #[serde(default)]
     pub boot_id: String,
+    /// Epoch of a primary whose catch-up/rebuild of this replica is under way (0: none).
+    /// That primary's bitmap still names every region this replica lacks, so the copy can
+    /// resume from it after a restart of either side.
+    #[serde(default)]
+    pub partial_epoch: u64,
 }
 
 fn current_boot_id() -> String {
@@ -404,6 +409,7 @@ impl ReplicaStore {
             synced: false,
             seq_reserved: 0,
             boot_id: current_boot_id(),
+            partial_epoch: 0,
         };
         // The metadata goes last: a crash before it leaves no half-created volume visible.
         write_meta(&dir, &meta).map_err(io)?;

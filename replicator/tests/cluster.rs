@@ -122,3 +122,360 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     }
     Ok(())
 }
+
+#[test]
+fn primary_kill9_restart_keeps_every_acknowledged_write() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-k", &["s1", "s2"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-k"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-k"], &[])?;
+    wait_until("s1 primary with s2 in sync", T, || {
+        in_sync_peers(&s1, "vol-k") == ["s2"]
+    })?;
+    let p = pipeline(&si, "vol-k");
+    let w = p.worker(32);
+    assert_eq!(write_blocks(&w, "vol-k", 0..500, 1)?.len(), 500);
+    // kill -9 while a second round is in flight; the pipeline retries until s1 is back.
+    let writer = std::thread::spawn(move || write_blocks(&w, "vol-k", 0..2000, 2).map(|a| (a, w)));
+    std::thread::sleep(Duration::from_millis(50));
+    s1.kill9();
+    s1.restart()?;
+    let (acked, w) = writer.join().unwrap()?;
+    assert_eq!(acked.len(), 2000);
+    for b in 0..2000 {
+        let got = replicator::stamp::parse_stamp(&read_block(&w, b)?);
+        assert_eq!(
+            got.map(|s| (s.block, s.write_id)),
+            Some((b, 2)),
+            "block {b}"
+        );
+    }
+    flush(&w)?;
+    files_equal_blocks(&s1.data_file("vol-k"), &s2.data_file("vol-k"), 0..2000)?;
+    Ok(())
+}
+
+#[test]
+fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writes() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    // s2 is new: never in sync.
+    two_server_volume(&si, "vol-r", &["s1"]);
+    // 32 regions of 1 MiB at 8 MiB/s: about 4 s, long enough to watch progress.
+    let s1 = ServerProc::start(
+        "s1",
+        root.path(),
+        &si.addr,
+        &["vol-r"],
+        &["--rebuild-rate", "8388608"],
+    )?;
+    wait_until("s1 primary", T, || is_primary(&s1, "vol-r"))?;
+    let p = pipeline(&si, "vol-r");
+    let w = p.worker(32);
+    // Written while s2 does not exist yet: the primary is degraded and acks alone.
+    assert_eq!(
+        write_blocks(&w, "vol-r", (0..8192).step_by(7), 1)?.len(),
+        8192_usize.div_ceil(7)
+    );
+    assert_eq!(s1.volume_health("vol-r")?["degraded"], true);
+
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-r"], &[])?;
+    wait_until("rebuild progress visible", T, || {
+        s1.volume_health("vol-r").is_ok_and(|h| {
+            let p = &h["peers"][0];
+            p["state"] == "catching_up"
+                && p["full_rebuild"] == true
+                && p["copy_total"] == 64
+                && p["copy_done"].as_u64().unwrap_or(0) > 0
+                && p["copy_done"].as_u64().unwrap_or(64) < 64
+        })
+    })?;
+    // Live writes during the rebuild, to regions already copied and to regions not yet.
+    assert_eq!(
+        write_blocks(&w, "vol-r", (0..16384).step_by(5), 2)?.len(),
+        16384_usize.div_ceil(5)
+    );
+    wait_until("s2 in sync", T, || {
+        si.fake
+            .info(SITE, "vol-r")
+            .unwrap()
+            .server("s2")
+            .unwrap()
+            .in_sync
+    })?;
+    flush(&w)?;
+    files_equal_blocks(
+        &s1.data_file("vol-r"),
+        &s2.data_file("vol-r"),
+        0..(64 * MIB / BS),
+    )?;
+    for b in (0..16384u64).step_by(5) {
+        assert_eq!(
+            file_stamp(&s2.data_file("vol-r"), "vol-r", b),
+            Some(2),
+            "block {b}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<()> {
+    use replicator::frame::{self, ErrorCode, MsgKind};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    si.fake.create_volume(
+        SITE,
+        "vol-g",
+        16 * MIB,
+        BS as u32,
+        1000,
+        &["s1"],
+        "s1",
+        &["s1"],
+    );
+    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-g"], &[])?;
+    wait_until("s1 primary", T, || is_primary(&s1, "vol-g"))?;
+    let p = pipeline(&si, "vol-g");
+    let w = p.worker(8);
+    write_blocks(&w, "vol-g", 0..10, 1)?;
+
+    // A client connection that stays open through all of it and keeps working.
+    let mut good = RawConn::connect(&s1.data_addr)?;
+    let (g, e) = {
+        let i = si.fake.info(SITE, "vol-g").unwrap();
+        (i.generation, i.epoch)
+    };
+
+    let mut garbage = RawConn::connect(&s1.data_addr)?;
+    garbage.send_raw(&[0x42u8; 200])?;
+    assert!(
+        garbage.closed_by_server(),
+        "garbage must close the connection"
+    );
+
+    let mut oversized = RawConn::connect(&s1.data_addr)?;
+    let mut bytes = frame::encode(&header(MsgKind::Write, 1, "vol-g", g, e), &[]);
+    bytes[84..88].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    oversized.send_raw(&bytes)?;
+    assert!(
+        oversized.closed_by_server(),
+        "oversized frame must close the connection"
+    );
+
+    let mut corrupt = RawConn::connect(&s1.data_addr)?;
+    let mut bytes = frame::encode(&header(MsgKind::Write, 1, "vol-g", g, e), &[7u8; 4096]);
+    bytes[500] ^= 0xff;
+    corrupt.send_raw(&bytes)?;
+    assert!(
+        corrupt.closed_by_server(),
+        "bad checksum must close the connection"
+    );
+
+    let mut truncated = RawConn::connect(&s1.data_addr)?;
+    let bytes = frame::encode(&header(MsgKind::Write, 1, "vol-g", g, e), &[7u8; 4096]);
+    truncated.send_raw(&bytes[..1000])?;
+    truncated.s.shutdown(std::net::Shutdown::Write)?;
+    assert!(truncated.closed_by_server());
+
+    // Well-formed but wrong requests get an error answer, the connection stays.
+    let mut h = header(MsgKind::Read, 10, "no-such-volume", g, e);
+    h.length = BS as u32;
+    good.send(&h, &[])?;
+    let mut h = header(MsgKind::Read, 11, "vol-g", g, e);
+    h.offset = 16 * MIB;
+    h.length = BS as u32;
+    good.send(&h, &[])?;
+    let mut h = header(MsgKind::Write, 12, "vol-g", g, e.saturating_sub(1));
+    h.length = BS as u32;
+    good.send(&h, &[0u8; BS as usize])?;
+    let mut h = header(MsgKind::Read, 13, "vol-g", g, e);
+    h.length = BS as u32;
+    good.send(&h, &[])?;
+    let mut answers = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let f = good.recv()?.expect("good connection stays open");
+        answers.insert(f.header.request_id, f);
+    }
+    assert_eq!(error_code(&answers[&10]), Some(ErrorCode::UnknownVolume));
+    assert_eq!(error_code(&answers[&11]), Some(ErrorCode::OutOfRange));
+    if e > 1 {
+        assert_eq!(error_code(&answers[&12]), Some(ErrorCode::StaleEpoch));
+        assert_eq!(
+            answers[&12].header.epoch, e,
+            "fencing error names the newer epoch"
+        );
+    } else {
+        // Epoch 1 has no older epoch to send; generation 0 is older instead.
+        assert_eq!(answers[&12].header.kind, MsgKind::Ok);
+    }
+    assert_eq!(answers[&13].header.kind, MsgKind::Ok);
+    assert_eq!(
+        replicator::stamp::parse_stamp(&answers[&13].payload).map(|s| s.block),
+        Some(0)
+    );
+
+    // A stale generation is fenced too.
+    let mut h = header(MsgKind::Write, 14, "vol-g", 0, e);
+    h.length = BS as u32;
+    good.send(&h, &[0u8; BS as usize])?;
+    let f = good.recv()?.unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::StaleEpoch));
+    assert_eq!((f.header.generation, f.header.epoch), (g, e));
+
+    // The pipeline client was never disturbed.
+    write_blocks(&w, "vol-g", 10..20, 2)?;
+    let bad = s1.health()?["bad_frames"].as_u64().unwrap();
+    assert!(bad >= 4, "bad frames counted: {bad}");
+    Ok(())
+}
+
+#[test]
+fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Result<()> {
+    use replicator::pipeline::{IoKind, IoRequest};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    for v in ["vol-x", "vol-y"] {
+        si.fake
+            .create_volume(SITE, v, 16 * MIB, BS as u32, 1000, &["s1"], "s1", &["s1"]);
+    }
+    let s1 = ServerProc::start(
+        "s1",
+        root.path(),
+        &si.addr,
+        &["vol-x", "vol-y"],
+        &["--enable-fault-injection"],
+    )?;
+    wait_until("s1 primary of both", T, || {
+        is_primary(&s1, "vol-x") && is_primary(&s1, "vol-y")
+    })?;
+    let px = pipeline(&si, "vol-x");
+    let py = pipeline(&si, "vol-y");
+    let (wx, wy) = (px.worker(8), py.worker(8));
+    write_blocks(&wx, "vol-x", 0..50, 1)?;
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=write&errno=5",
+    )?;
+    let r = write_blocks(&wx, "vol-x", 0..1, 2);
+    let msg = format!("{:#}", r.unwrap_err());
+    assert!(msg.contains("Io") && msg.contains("os error 5"), "{msg}");
+    // The other volume is served as before.
+    write_blocks(&wy, "vol-y", 0..50, 1)?;
+    assert!(s1.volume_health("vol-x")?["disk_errors"].as_u64().unwrap() >= 1);
+    // Reads fail cleanly too when asked to.
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=read&errno=5",
+    )?;
+    wx.submit(IoRequest {
+        tag: 1,
+        kind: IoKind::Read,
+        offset: 0,
+        len: BS as u32,
+        data: vec![],
+        fua: false,
+    })
+    .unwrap();
+    assert!(wx.wait(Duration::from_secs(20)).unwrap().result.is_err());
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=read&errno=0",
+    )?;
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=write&errno=0",
+    )?;
+    // Everything acknowledged before the fault is intact.
+    for b in 0..50 {
+        let s = replicator::stamp::parse_stamp(&read_block(&wx, b)?).unwrap();
+        assert_eq!((s.block, s.write_id), (b, 1));
+    }
+    write_blocks(&wx, "vol-x", 0..10, 3)?;
+    // Fault injection is refused on a server that did not enable it.
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-y"], &[])?;
+    assert!(http(
+        &s2.admin_addr,
+        "POST",
+        "/fault?volume=vol-y&op=write&errno=5"
+    )
+    .is_err());
+    Ok(())
+}
+
+#[test]
+fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<()> {
+    use replicator::frame::{ErrorCode, MsgKind};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-f", &["s1", "s2"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-f"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-f"], &[])?;
+    wait_until("s1 primary with s2 in sync", T, || {
+        in_sync_peers(&s1, "vol-f") == ["s2"]
+    })?;
+    let p = pipeline(&si, "vol-f");
+    let w = p.worker(32);
+    assert_eq!(write_blocks(&w, "vol-f", 0..400, 1)?.len(), 400);
+    let writer = std::thread::spawn(move || write_blocks(&w, "vol-f", 0..1500, 2).map(|a| (a, w)));
+    std::thread::sleep(Duration::from_millis(30));
+    s1.kill9();
+    // The stand-in plays the authority: promote the in-sync secondary.
+    let out = si.fake.do_failover(SITE, "vol-f", false).unwrap();
+    assert_eq!(out.primary, "s2");
+    let (acked, w) = writer.join().unwrap()?;
+    assert_eq!(acked.len(), 1500);
+    assert!(is_primary(&s2, "vol-f"));
+    for b in 0..1500 {
+        let s = replicator::stamp::parse_stamp(&read_block(&w, b)?).unwrap();
+        assert_eq!((s.block, s.write_id), (b, 2), "block {b}");
+    }
+    // The deposed primary comes back: it follows s2 and acknowledges nothing.
+    s1.restart()?;
+    wait_until("s1 secondary at the new epoch", T, || {
+        s1.volume_health("vol-f")
+            .is_ok_and(|h| h["role"] == "secondary" && h["epoch"] == out.epoch)
+    })?;
+    let mut raw = RawConn::connect(&s1.data_addr)?;
+    for (rid, epoch) in [(1u64, out.epoch - 1), (2, out.epoch)] {
+        let mut h = header(MsgKind::Write, rid, "vol-f", 1, epoch);
+        h.length = BS as u32;
+        raw.send(&h, &[9u8; BS as usize])?;
+        let f = raw.recv()?.unwrap();
+        let code = error_code(&f);
+        assert!(
+            matches!(
+                code,
+                Some(ErrorCode::NotPrimary) | Some(ErrorCode::StaleEpoch)
+            ),
+            "{code:?}"
+        );
+    }
+    // A replicated write from the old epoch is fenced by the new primary's secondary...
+    let mut h = header(MsgKind::Replicate, 3, "vol-f", 1, out.epoch - 1);
+    h.flags = replicator::frame::ReplicaOp::Write.to_flags();
+    h.seq = u64::MAX;
+    h.length = BS as u32;
+    let mut raw2 = RawConn::connect(&s2.data_addr)?;
+    raw2.send(&h, &[9u8; BS as usize])?;
+    let f = raw2.recv()?.unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::StaleEpoch));
+    assert_eq!(f.header.epoch, out.epoch);
+    // ...and s2 catches the returning s1 up (a full copy: s1 followed an older epoch).
+    wait_until("s1 in sync again", T, || {
+        si.fake
+            .info(SITE, "vol-f")
+            .unwrap()
+            .server("s1")
+            .unwrap()
+            .in_sync
+    })?;
+    flush(&w)?;
+    files_equal_blocks(&s1.data_file("vol-f"), &s2.data_file("vol-f"), 0..1500)?;
+    Ok(())
+}

@@ -27,6 +27,9 @@ const SEQ_CHUNK: u64 = 1 << 20;
 /// What a secondary reports when a primary starts catching it up.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerHello {
+    /// The primary's bitmap for this replica is complete: it was synced at this epoch, or
+    /// a catch-up from this epoch was under way.
+    pub resumable: bool,
     pub synced: bool,
     pub followed_epoch: u64,
     pub epoch: u64,
@@ -954,12 +957,16 @@ impl VolumeRuntime {
             let before = rep.meta();
             match flags {
                 CATCH_UP_BEGIN => {
+                    let resumable =
+                        (before.synced && before.followed_epoch == e) || before.partial_epoch == e;
                     rep.update_meta(|m| {
                         m.synced = false;
+                        m.partial_epoch = e;
                         m.generation = g;
                         m.epoch = e;
                     })?;
                     Ok(serde_json::to_vec(&PeerHello {
+                        resumable,
                         synced: before.synced,
                         followed_epoch: before.followed_epoch,
                         epoch: before.epoch,
@@ -972,6 +979,7 @@ impl VolumeRuntime {
                     rep.sync()?;
                     rep.update_meta(|m| {
                         m.synced = true;
+                        m.partial_epoch = 0;
                         m.followed_epoch = e;
                         m.generation = g;
                         m.epoch = e;
@@ -1065,7 +1073,7 @@ impl VolumeRuntime {
         }
         let hello: PeerHello = serde_json::from_slice(&f.payload)
             .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, format!("bad hello: {e}")))?;
-        let incremental = hello.synced && hello.followed_epoch == epoch;
+        let incremental = hello.resumable;
         if !incremental {
             p.mark(0, 0, true).await?;
         }

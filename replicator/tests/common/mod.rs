@@ -441,3 +441,68 @@ pub fn files_equal_blocks(a: &Path, b: &Path, blocks: impl IntoIterator<Item = u
     }
     Ok(())
 }
+
+/// A raw protocol connection for malformed-input and fencing tests.
+pub struct RawConn {
+    pub s: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    pub fn connect(addr: &str) -> Result<Self> {
+        let s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Self { s, buf: Vec::new() })
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.s.write_all(bytes)?;
+        Ok(())
+    }
+
+    pub fn send(&mut self, h: &replicator::frame::Header, payload: &[u8]) -> Result<()> {
+        self.send_raw(&replicator::frame::encode(h, payload))
+    }
+
+    /// The next answer frame, or `None` if the server closed the connection.
+    pub fn recv(&mut self) -> Result<Option<replicator::frame::Frame>> {
+        loop {
+            if let Some((f, n)) = replicator::frame::decode(&self.buf)? {
+                self.buf.drain(..n);
+                return Ok(Some(f));
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// True if the server closes the connection (reads EOF) within the read timeout.
+    pub fn closed_by_server(&mut self) -> bool {
+        matches!(self.recv(), Ok(None))
+    }
+}
+
+pub fn header(
+    kind: replicator::frame::MsgKind,
+    rid: u64,
+    vol: &str,
+    g: u64,
+    e: u64,
+) -> replicator::frame::Header {
+    let mut h =
+        replicator::frame::Header::new(kind, rid, replicator::frame::VolumeName::new(vol).unwrap());
+    h.generation = g;
+    h.epoch = e;
+    h
+}
+
+pub fn error_code(f: &replicator::frame::Frame) -> Option<replicator::frame::ErrorCode> {
+    (f.header.kind == replicator::frame::MsgKind::Error)
+        .then(|| replicator::frame::ErrorBody::decode(&f.payload).map(|b| b.code))
+        .flatten()
+}
