@@ -947,8 +947,13 @@ impl VolumeRuntime {
         if theirs < known {
             return Err(Fail::stale(known));
         }
-        if matches!(self.role(), Role::Primary { .. }) {
-            return Err(Fail::new(ErrorCode::Invalid, "catch-up sent to a primary"));
+        if let Role::Primary { epoch, generation } = self.role() {
+            if theirs > (generation, epoch) {
+                // A primary of a newer epoch is catching this one up: it was deposed.
+                self.step_down("catch-up from a newer epoch");
+            } else {
+                return Err(Fail::new(ErrorCode::Invalid, "catch-up sent to a primary"));
+            }
         }
         let rep = self.replica.clone();
         let flags = h.flags;
