@@ -53,14 +53,13 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     assert_eq!(write_blocks(&w, "vol-a", 200..600, 2)?.len(), 400);
     let h = s1.volume_health("vol-a")?;
     assert_eq!(h["degraded"], true, "{h}");
-    assert_eq!(
-        si.fake
+    assert!(
+        !si.fake
             .info(SITE, "vol-a")
             .unwrap()
             .server("s2")
             .unwrap()
-            .in_sync,
-        false
+            .in_sync
     );
     assert!(h["peers"][0]["dirty_regions"].as_u64().unwrap() >= 1, "{h}");
 
@@ -472,5 +471,132 @@ fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<(
     })?;
     flush(&w)?;
     files_equal_blocks(&s1.data_file("vol-f"), &s2.data_file("vol-f"), 0..1500)?;
+    Ok(())
+}
+
+#[test]
+fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_new_primary(
+) -> Result<()> {
+    use replicator::frame::{ErrorCode, MsgKind};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-p", &["s1", "s2"]);
+    let s1 = ServerProc::start("s1", root.path(), &si.addr_for("s1"), &["vol-p"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr_for("s2"), &["vol-p"], &[])?;
+    wait_until("s1 primary with s2 in sync", T, || {
+        in_sync_peers(&s1, "vol-p") == ["s2"]
+    })?;
+    let p = pipeline(&si, "vol-p");
+    let w = p.worker(32);
+    assert_eq!(write_blocks(&w, "vol-p", 0..200, 1)?.len(), 200);
+
+    // Partition s1 from the authority only: the client and s2 still reach it.
+    si.cut("s1", true);
+    let writer = std::thread::spawn(move || write_blocks(&w, "vol-p", 0..1000, 2).map(|a| (a, w)));
+    wait_until("s1's lease to lapse", T, || {
+        s1.volume_health("vol-p")
+            .is_ok_and(|h| h["lease_valid"] == false)
+    })?;
+    let mut raw = RawConn::connect(&s1.data_addr)?;
+    let mut h = header(MsgKind::Write, 1, "vol-p", 1, 1);
+    h.length = BS as u32;
+    raw.send(&h, &[9u8; BS as usize])?;
+    assert_eq!(
+        error_code(&raw.recv()?.unwrap()),
+        Some(ErrorCode::LeaseExpired)
+    );
+
+    let out = si.fake.do_failover(SITE, "vol-p", false).unwrap();
+    assert_eq!(out.primary, "s2");
+    let (acked, w) = writer.join().unwrap()?;
+    assert_eq!(acked.len(), 1000);
+    for b in 0..1000 {
+        let s = replicator::stamp::parse_stamp(&read_block(&w, b)?).unwrap();
+        assert_eq!((s.block, s.write_id), (b, 2), "block {b}");
+    }
+    // s2 catches s1 up over the data path; s1 learns it is deposed from s2's epoch.
+    wait_until("s1 caught up by s2", T, || {
+        si.fake
+            .info(SITE, "vol-p")
+            .unwrap()
+            .server("s1")
+            .unwrap()
+            .in_sync
+    })?;
+    let h1 = s1.volume_health("vol-p")?;
+    assert_eq!(h1["role"], "secondary", "{h1}");
+    for (rid, epoch) in [(2u64, 1u64), (3, out.epoch)] {
+        let mut h = header(MsgKind::Write, rid, "vol-p", 1, epoch);
+        h.length = BS as u32;
+        raw.send(&h, &[9u8; BS as usize])?;
+        let code = error_code(&raw.recv()?.unwrap());
+        assert!(
+            matches!(
+                code,
+                Some(ErrorCode::NotPrimary) | Some(ErrorCode::StaleEpoch)
+            ),
+            "{code:?}"
+        );
+    }
+    flush(&w)?;
+    files_equal_blocks(&s1.data_file("vol-p"), &s2.data_file("vol-p"), 0..1000)?;
+    Ok(())
+}
+
+#[test]
+fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Result<()> {
+    use replicator::pipeline::{IoKind, IoRequest};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-o", &["s1", "s2"]);
+    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-o"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-o"], &[])?;
+    wait_until("s1 primary with s2 in sync", T, || {
+        in_sync_peers(&s1, "vol-o") == ["s2"]
+    })?;
+    let p = pipeline(&si, "vol-o");
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let w = p.worker(16);
+            std::thread::spawn(move || -> Result<()> {
+                // Deterministic pseudo-random ranges over 32 blocks: heavy overlap.
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                let mut sent = 0;
+                let mut done = 0;
+                while done < 300 {
+                    while sent < 300 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let start = x % 32;
+                        let n = 1 + (x >> 8) % 8;
+                        let fill = (t * 1000 + sent) as u8;
+                        let req = IoRequest {
+                            tag: sent,
+                            kind: IoKind::Write,
+                            offset: start * BS,
+                            len: 0,
+                            data: vec![fill; (n * BS) as usize],
+                            fua: false,
+                        };
+                        if w.submit(req).is_err() {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    let c = w.wait(Duration::from_secs(30)).expect("completion");
+                    c.result.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    done += 1;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap()?;
+    }
+    let w = p.worker(1);
+    flush(&w)?;
+    files_equal_blocks(&s1.data_file("vol-o"), &s2.data_file("vol-o"), 0..40)?;
     Ok(())
 }

@@ -16,10 +16,12 @@ use replicator::pipeline::{
 };
 use replicator::stamp::{parse_stamp, stamp_block, Stamp};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -29,6 +31,7 @@ pub const BS: u64 = 4096;
 pub struct StandIn {
     pub fake: Arc<FakeAuthority>,
     pub addr: String,
+    ports: Mutex<HashMap<String, (String, Arc<AtomicBool>)>>,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -91,6 +94,51 @@ fn dispatch(fake: &FakeAuthority, method: &str, p: &Value) -> Result<Value, Auth
     Ok(v)
 }
 
+async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    f: Arc<FakeAuthority>,
+    cut: Arc<AtomicBool>,
+) {
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
+        let f = f.clone();
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if cut.load(Ordering::SeqCst) {
+                    // Partitioned: the request is dropped and the connection closed.
+                    return;
+                }
+                let resp = match serde_json::from_str::<Value>(&line) {
+                    Ok(req) => {
+                        let id = req.get("id").cloned().unwrap_or(Value::Null);
+                        let m = req.get("method").and_then(Value::as_str).unwrap_or("");
+                        let p = req.get("params").cloned().unwrap_or(Value::Null);
+                        match dispatch(&f, m, &p) {
+                            Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
+                            Err(e) => {
+                                json!({"jsonrpc": "2.0", "id": id, "error": error_object(&e)})
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "parse error"}})
+                    }
+                };
+                let mut out = serde_json::to_vec(&resp).unwrap();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
 impl StandIn {
     pub fn start() -> Self {
         let fake = Arc::new(FakeAuthority::new());
@@ -103,41 +151,43 @@ impl StandIn {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let f = fake.clone();
-        rt.spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
-                let f = f.clone();
-                tokio::spawn(async move {
-                    let (r, mut w) = s.into_split();
-                    let mut lines = tokio::io::BufReader::new(r).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let resp = match serde_json::from_str::<Value>(&line) {
-                            Ok(req) => {
-                                let id = req.get("id").cloned().unwrap_or(Value::Null);
-                                let m = req.get("method").and_then(Value::as_str).unwrap_or("");
-                                let p = req.get("params").cloned().unwrap_or(Value::Null);
-                                match dispatch(&f, m, &p) {
-                                    Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
-                                    Err(e) => json!({"jsonrpc": "2.0", "id": id, "error": error_object(&e)}),
-                                }
-                            }
-                            Err(_) => json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "parse error"}}),
-                        };
-                        let mut out = serde_json::to_vec(&resp).unwrap();
-                        out.push(b'\n');
-                        if w.write_all(&out).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        rt.spawn(serve_listener(
+            listener,
+            fake.clone(),
+            Arc::new(AtomicBool::new(false)),
+        ));
         Self {
             fake,
             addr,
+            ports: Mutex::new(HashMap::new()),
             _rt: rt,
         }
+    }
+
+    /// A separate address of the same authority for one server, so that server alone can be
+    /// cut off from it ([`StandIn::cut`]): the partition fault injector of these tests.
+    pub fn addr_for(&self, who: &str) -> String {
+        let mut ports = self.ports.lock().unwrap();
+        if let Some((a, _)) = ports.get(who) {
+            return a.clone();
+        }
+        let listener = self
+            ._rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        self._rt
+            .spawn(serve_listener(listener, self.fake.clone(), cut.clone()));
+        ports.insert(who.to_owned(), (addr.clone(), cut));
+        addr
+    }
+
+    /// Cuts (or heals) `who`'s path to the authority; its other links are untouched.
+    pub fn cut(&self, who: &str, cut: bool) {
+        self.ports.lock().unwrap()[who]
+            .1
+            .store(cut, Ordering::SeqCst);
     }
 
     pub fn client(&self) -> Arc<dyn Authority> {
