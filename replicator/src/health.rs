@@ -51,6 +51,7 @@ pub fn health_json(ctx: &ServerCtx) -> Value {
                 "generation": g,
                 "epoch": e,
                 "lease_valid": v.lease_valid(),
+                "accepting_io": v.accepting_io(),
                 "lease_remaining_ms": v.lease_remaining_ms(),
                 "degraded": role == "primary" && degraded,
                 "peers": peers,

@@ -32,9 +32,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     two_server_volume(&si, "vol-a", &["s1", "s2"]);
     let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-a"], &[])?;
     let mut s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-a"], &[])?;
-    wait_until("s1 primary with s2 in sync", T, || {
-        in_sync_peers(&s1, "vol-a") == ["s2"]
-    })?;
+    wait_in_sync(&si, &s1, "vol-a", &["s2"])?;
 
     let p = pipeline(&si, "vol-a");
     let w = p.worker(32);
@@ -44,7 +42,10 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
         assert_eq!(
             file_stamp(&s2.data_file("vol-a"), "vol-a", b),
             Some(1),
-            "s2 block {b}"
+            "s2 block {b}\n{}\n{}\n{:?}",
+            s1.log_text(),
+            s2.log_text(),
+            si.fake.info(SITE, "vol-a")
         );
     }
 
@@ -129,9 +130,7 @@ fn primary_kill9_restart_keeps_every_acknowledged_write() -> Result<()> {
     two_server_volume(&si, "vol-k", &["s1", "s2"]);
     let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-k"], &[])?;
     let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-k"], &[])?;
-    wait_until("s1 primary with s2 in sync", T, || {
-        in_sync_peers(&s1, "vol-k") == ["s2"]
-    })?;
+    wait_in_sync(&si, &s1, "vol-k", &["s2"])?;
     let p = pipeline(&si, "vol-k");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-k", 0..500, 1)?.len(), 500);
@@ -160,14 +159,23 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
     let root = tempfile::tempdir()?;
     let si = StandIn::start();
     // s2 is new: never in sync.
-    two_server_volume(&si, "vol-r", &["s1"]);
-    // 32 regions of 1 MiB at 8 MiB/s: about 4 s, long enough to watch progress.
+    si.fake.create_volume(
+        SITE,
+        "vol-r",
+        32 * MIB,
+        BS as u32,
+        1000,
+        &["s1", "s2"],
+        "s1",
+        &["s1"],
+    );
+    // 32 regions of 1 MiB at 16 MiB/s: about 2 s, long enough to watch progress.
     let s1 = ServerProc::start(
         "s1",
         root.path(),
         &si.addr,
         &["vol-r"],
-        &["--rebuild-rate", "8388608"],
+        &["--rebuild-rate", "16777216"],
     )?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-r"))?;
     let p = pipeline(&si, "vol-r");
@@ -185,15 +193,15 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
             let p = &h["peers"][0];
             p["state"] == "catching_up"
                 && p["full_rebuild"] == true
-                && p["copy_total"] == 64
+                && p["copy_total"] == 32
                 && p["copy_done"].as_u64().unwrap_or(0) > 0
-                && p["copy_done"].as_u64().unwrap_or(64) < 64
+                && p["copy_done"].as_u64().unwrap_or(32) < 32
         })
     })?;
     // Live writes during the rebuild, to regions already copied and to regions not yet.
     assert_eq!(
-        write_blocks(&w, "vol-r", (0..16384).step_by(5), 2)?.len(),
-        16384_usize.div_ceil(5)
+        write_blocks(&w, "vol-r", (0..8192).step_by(5), 2)?.len(),
+        8192_usize.div_ceil(5)
     );
     wait_until("s2 in sync", T, || {
         si.fake
@@ -207,9 +215,9 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
     files_equal_blocks(
         &s1.data_file("vol-r"),
         &s2.data_file("vol-r"),
-        0..(64 * MIB / BS),
+        0..(32 * MIB / BS),
     )?;
-    for b in (0..16384u64).step_by(5) {
+    for b in (0..8192u64).step_by(5) {
         assert_eq!(
             file_stamp(&s2.data_file("vol-r"), "vol-r", b),
             Some(2),
@@ -410,9 +418,7 @@ fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<(
     two_server_volume(&si, "vol-f", &["s1", "s2"]);
     let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-f"], &[])?;
     let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-f"], &[])?;
-    wait_until("s1 primary with s2 in sync", T, || {
-        in_sync_peers(&s1, "vol-f") == ["s2"]
-    })?;
+    wait_in_sync(&si, &s1, "vol-f", &["s2"])?;
     let p = pipeline(&si, "vol-f");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-f", 0..400, 1)?.len(), 400);
@@ -483,9 +489,7 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
     two_server_volume(&si, "vol-p", &["s1", "s2"]);
     let s1 = ServerProc::start("s1", root.path(), &si.addr_for("s1"), &["vol-p"], &[])?;
     let s2 = ServerProc::start("s2", root.path(), &si.addr_for("s2"), &["vol-p"], &[])?;
-    wait_until("s1 primary with s2 in sync", T, || {
-        in_sync_peers(&s1, "vol-p") == ["s2"]
-    })?;
+    wait_in_sync(&si, &s1, "vol-p", &["s2"])?;
     let p = pipeline(&si, "vol-p");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-p", 0..200, 1)?.len(), 200);
@@ -506,7 +510,9 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
         Some(ErrorCode::LeaseExpired)
     );
 
-    let out = si.fake.do_failover(SITE, "vol-p", false).unwrap();
+    let out = si.fake.do_failover(SITE, "vol-p", false).map_err(|e| {
+        anyhow::anyhow!("{e}: {:?}\n{}", si.fake.info(SITE, "vol-p"), s1.log_text())
+    })?;
     assert_eq!(out.primary, "s2");
     let (acked, w) = writer.join().unwrap()?;
     assert_eq!(acked.len(), 1000);
@@ -551,9 +557,7 @@ fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Re
     two_server_volume(&si, "vol-o", &["s1", "s2"]);
     let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-o"], &[])?;
     let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-o"], &[])?;
-    wait_until("s1 primary with s2 in sync", T, || {
-        in_sync_peers(&s1, "vol-o") == ["s2"]
-    })?;
+    wait_in_sync(&si, &s1, "vol-o", &["s2"])?;
     let p = pipeline(&si, "vol-o");
     let threads: Vec<_> = (0..4u64)
         .map(|t| {

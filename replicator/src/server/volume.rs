@@ -190,6 +190,8 @@ pub struct VolumeRuntime {
     overlap: Arc<OverlapQueue>,
     peers: Mutex<Vec<Arc<Peer>>>,
     info: Mutex<VolumeInfo>,
+    /// True while a new primary connects its in-sync peers (client I/O gets NotReady).
+    activating: AtomicBool,
     pub stats: VolumeStats,
 }
 
@@ -237,6 +239,7 @@ impl VolumeRuntime {
             overlap: Arc::new(OverlapQueue::default()),
             peers: Mutex::new(Vec::new()),
             info: Mutex::new(info),
+            activating: AtomicBool::new(false),
             stats: VolumeStats::default(),
         })
     }
@@ -258,6 +261,11 @@ impl VolumeRuntime {
             Role::Primary { epoch, .. } => self.lease.valid(epoch),
             Role::Secondary { .. } => false,
         }
+    }
+
+    /// Serving client I/O now: primary, leased, in-sync peers connected.
+    pub fn accepting_io(&self) -> bool {
+        self.lease_valid() && !self.activating.load(Ordering::SeqCst)
     }
 
     pub fn lease_remaining_ms(&self) -> u64 {
@@ -397,12 +405,16 @@ impl VolumeRuntime {
             }));
         }
         *self.peers.lock().expect("peers") = peers.clone();
+        // Client I/O waits (NotReady) until the in-sync peers are connected below.
+        self.activating.store(true, Ordering::SeqCst);
         self.lease.set(epoch, until);
         *self.role.lock().expect("role") = Role::Primary {
             epoch,
             generation: grant.generation,
         };
         tracing::info!(volume = %self.name, epoch, "primary");
+        let me = self.clone();
+        tokio::spawn(async move { me.renew_loop(epoch, grant.lease_ms).await });
         // In-sync peers are connected before the first write needs them; one that cannot
         // be reached is marked out of sync now rather than by the first write.
         for p in &peers {
@@ -413,8 +425,7 @@ impl VolumeRuntime {
                 }
             }
         }
-        let me = self.clone();
-        tokio::spawn(async move { me.renew_loop(epoch, grant.lease_ms).await });
+        self.activating.store(false, Ordering::SeqCst);
         for p in peers {
             let me = self.clone();
             tokio::spawn(async move { me.peer_keeper(p, epoch).await });
@@ -435,6 +446,17 @@ impl VolumeRuntime {
     }
 
     async fn connect_in_sync_once(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
+        if p.addr.lock().expect("addr").is_empty() {
+            // The role loop is busy activating: look the address up here.
+            if let Ok(info) = self
+                .ctx
+                .authority
+                .volume_get(&self.ctx.config.site, self.name.as_str())
+                .await
+            {
+                self.update_peer_addrs(&info);
+            }
+        }
         let link = self.connect_peer(p).await?;
         // DONE first: the peer is in sync at this epoch, so this primary's bitmap for it is
         // from now on what it may lack.
@@ -552,6 +574,12 @@ impl VolumeRuntime {
                 }
                 if !self.lease.valid(epoch) {
                     return Err(Fail::new(ErrorCode::LeaseExpired, "lease not valid"));
+                }
+                if self.activating.load(Ordering::SeqCst) {
+                    return Err(Fail::new(
+                        ErrorCode::NotReady,
+                        "connecting the in-sync secondaries",
+                    ));
                 }
                 Ok(mine)
             }

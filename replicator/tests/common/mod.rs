@@ -366,14 +366,14 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
 
 pub fn is_primary(s: &ServerProc, vol: &str) -> bool {
     s.volume_health(vol)
-        .map(|v| v["role"] == "primary" && v["lease_valid"] == true)
+        .map(|v| v["role"] == "primary" && v["accepting_io"] == true)
         .unwrap_or(false)
 }
 
 /// The peers `s` (as a leased primary) has in sync; empty if it is not a leased primary.
 pub fn in_sync_peers(s: &ServerProc, vol: &str) -> Vec<String> {
     match s.volume_health(vol) {
-        Ok(v) if v["role"] == "primary" && v["lease_valid"] == true => v["in_sync_peers"]
+        Ok(v) if v["role"] == "primary" && v["accepting_io"] == true => v["in_sync_peers"]
             .as_array()
             .map(|a| {
                 a.iter()
@@ -383,6 +383,22 @@ pub fn in_sync_peers(s: &ServerProc, vol: &str) -> Vec<String> {
             .unwrap_or_default(),
         _ => Vec::new(),
     }
+}
+
+/// Waits until `primary` serves `vol` with exactly `peers` in sync, locally and at the
+/// authority.
+pub fn wait_in_sync(si: &StandIn, primary: &ServerProc, vol: &str, peers: &[&str]) -> Result<()> {
+    wait_until(
+        "primary with its peers in sync",
+        Duration::from_secs(30),
+        || {
+            in_sync_peers(primary, vol) == peers
+                && si
+                    .fake
+                    .info(SITE, vol)
+                    .is_some_and(|i| peers.iter().all(|p| i.server(p).is_some_and(|s| s.in_sync)))
+        },
+    )
 }
 
 pub fn pipeline(stand_in: &StandIn, vol: &str) -> ReplicationPipeline {
