@@ -604,3 +604,199 @@ fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Re
     files_equal_blocks(&s1.data_file("vol-o"), &s2.data_file("vol-o"), 0..40)?;
     Ok(())
 }
+
+#[test]
+fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-e", &["s1", "s2"]);
+    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-e"], &[])?;
+    let s2 = ServerProc::start(
+        "s2",
+        root.path(),
+        &si.addr,
+        &["vol-e"],
+        &["--enable-fault-injection"],
+    )?;
+    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
+    let p = pipeline(&si, "vol-e");
+    let w = p.worker(16);
+    write_blocks(&w, "vol-e", 0..100, 1)?;
+    http(
+        &s2.admin_addr,
+        "POST",
+        "/fault?volume=vol-e&op=write&errno=5",
+    )?;
+    // The secondary's disk fails: the primary goes on alone, nothing is refused.
+    assert_eq!(write_blocks(&w, "vol-e", 50..300, 2)?.len(), 250);
+    assert_eq!(s1.volume_health("vol-e")?["degraded"], true);
+    assert!(
+        !si.fake
+            .info(SITE, "vol-e")
+            .unwrap()
+            .server("s2")
+            .unwrap()
+            .in_sync
+    );
+    assert!(s2.volume_health("vol-e")?["disk_errors"].as_u64().unwrap() >= 1);
+    http(
+        &s2.admin_addr,
+        "POST",
+        "/fault?volume=vol-e&op=write&errno=0",
+    )?;
+    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
+    flush(&w)?;
+    files_equal_blocks(&s1.data_file("vol-e"), &s2.data_file("vol-e"), 0..400)?;
+    for b in 0..300 {
+        let want = if b >= 50 { 2 } else { 1 };
+        assert_eq!(
+            file_stamp(&s2.data_file("vol-e"), "vol-e", b),
+            Some(want),
+            "block {b}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn three_servers_lose_a_secondary_then_the_primary_and_end_whole() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    si.fake.create_volume(
+        SITE,
+        "vol-3",
+        16 * MIB,
+        BS as u32,
+        1000,
+        &["s1", "s2", "s3"],
+        "s1",
+        &["s1", "s2", "s3"],
+    );
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-3"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-3"], &[])?;
+    let mut s3 = ServerProc::start("s3", root.path(), &si.addr, &["vol-3"], &[])?;
+    wait_in_sync(&si, &s1, "vol-3", &["s2", "s3"])?;
+    let p = pipeline(&si, "vol-3");
+    let w = p.worker(32);
+    write_blocks(&w, "vol-3", 0..300, 1)?;
+    s3.kill9();
+    write_blocks(&w, "vol-3", 100..400, 2)?;
+    // s2 is still in sync and has every acknowledged write.
+    for b in 0..400 {
+        let want = if b >= 100 { 2 } else { 1 };
+        assert_eq!(
+            file_stamp(&s2.data_file("vol-3"), "vol-3", b),
+            Some(want),
+            "s2 block {b}"
+        );
+    }
+    s1.kill9();
+    let out = si
+        .fake
+        .do_failover(SITE, "vol-3", false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(out.primary, "s2", "only s2 is in sync");
+    write_blocks(&w, "vol-3", 200..500, 3)?;
+    s1.restart()?;
+    s3.restart()?;
+    wait_in_sync(&si, &s2, "vol-3", &["s1", "s3"])?;
+    flush(&w)?;
+    for s in [&s1, &s3] {
+        files_equal_blocks(
+            &s2.data_file("vol-3"),
+            &s.data_file("vol-3"),
+            0..(16 * MIB / BS),
+        )?;
+    }
+    for b in 0..500 {
+        let want = if b >= 200 {
+            3
+        } else if b >= 100 {
+            2
+        } else {
+            1
+        };
+        assert_eq!(
+            file_stamp(&s3.data_file("vol-3"), "vol-3", b),
+            Some(want),
+            "s3 block {b}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn cli_client_writes_and_verifies_stamped_blocks() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    si.fake.create_volume(
+        SITE,
+        "vol-c",
+        16 * MIB,
+        BS as u32,
+        1000,
+        &["s1"],
+        "s1",
+        &["s1"],
+    );
+    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-c"], &[])?;
+    wait_until("s1 primary", T, || is_primary(&s1, "vol-c"))?;
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+            .args([
+                "client",
+                "--authority",
+                &si.addr,
+                "--site",
+                SITE,
+                "--volume",
+                "vol-c",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "write",
+        "--start",
+        "10",
+        "--count",
+        "200",
+        "--write-id",
+        "5",
+        "--flush",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "verify",
+        "--start",
+        "10",
+        "--count",
+        "200",
+        "--write-id",
+        "5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A wrong expectation and an unwritten range both fail verification.
+    assert!(
+        !cli(&["verify", "--start", "10", "--count", "5", "--write-id", "6"])
+            .status
+            .success()
+    );
+    assert!(!cli(&["verify", "--start", "0", "--count", "5"])
+        .status
+        .success());
+    let out = cli(&["read", "--start", "10", "--count", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("block 10: volume vol-c block 10 write 5")
+    );
+    Ok(())
+}
