@@ -53,6 +53,9 @@ pub enum MsgKind {
     CatchUp = 7,
     /// Health probe; the answer payload is the server's health JSON.
     Health = 8,
+    /// Client to a secondary: "I cannot reach the primary, take over". The secondary checks
+    /// the primary's health and the authority first (see `VolumeRuntime::takeover`).
+    Takeover = 9,
     /// Successful answer. Reads carry the data as payload.
     Ok = 0x80,
     /// Failed answer: payload is [`ErrorBody`]; fencing errors carry the newer
@@ -71,6 +74,7 @@ impl MsgKind {
             6 => Self::Replicate,
             7 => Self::CatchUp,
             8 => Self::Health,
+            9 => Self::Takeover,
             0x80 => Self::Ok,
             0x81 => Self::Error,
             _ => return None,
@@ -346,6 +350,10 @@ pub enum ErrorCode {
     /// The server is behind the sender (it has not yet learnt the sender's newer epoch).
     NotReady = 9,
     Unsupported = 10,
+    /// A takeover was refused: the primary answered and holds a valid lease.
+    PrimaryHealthy = 11,
+    /// A takeover was refused: this replica is not in sync.
+    NotInSync = 12,
 }
 
 impl ErrorCode {
@@ -361,6 +369,8 @@ impl ErrorCode {
             8 => Self::Invalid,
             9 => Self::NotReady,
             10 => Self::Unsupported,
+            11 => Self::PrimaryHealthy,
+            12 => Self::NotInSync,
             _ => return None,
         })
     }
@@ -407,6 +417,7 @@ mod tests {
             MsgKind::Replicate,
             MsgKind::CatchUp,
             MsgKind::Health,
+            MsgKind::Takeover,
             MsgKind::Ok,
             MsgKind::Error,
         ])

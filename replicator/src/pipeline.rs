@@ -71,6 +71,9 @@ pub struct PipelineConfig {
     pub connect_timeout: Duration,
     /// Pause between attempts to find a primary.
     pub retry_backoff: Duration,
+    /// When the primary cannot be reached for this long, ask an in-sync secondary to take
+    /// over (it checks the primary's health itself first). `None`: never ask.
+    pub takeover_after: Option<Duration>,
 }
 
 impl PipelineConfig {
@@ -82,6 +85,7 @@ impl PipelineConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(50),
+            takeover_after: None,
         }
     }
 }
@@ -224,6 +228,9 @@ struct NetSide {
     next_refresh: Instant,
     events_tx: mpsc::UnboundedSender<LinkEvent>,
     events_rx: mpsc::UnboundedReceiver<LinkEvent>,
+    /// Since when the primary named by the authority could not be connected to.
+    unreachable_since: Option<Instant>,
+    last_takeover: Option<Instant>,
 }
 
 impl NetSide {
@@ -242,6 +249,8 @@ impl NetSide {
             next_refresh: Instant::now(),
             events_tx,
             events_rx,
+            unreachable_since: None,
+            last_takeover: None,
         }
     }
 
@@ -323,9 +332,14 @@ impl NetSide {
             )
             .await
             {
-                Ok(l) => self.link = Some(l),
+                Ok(l) => {
+                    self.link = Some(l);
+                    self.unreachable_since = None;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "pipeline: connect to primary");
+                    let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                    self.maybe_takeover(&info, since).await;
                     return;
                 }
             }
@@ -337,6 +351,59 @@ impl NetSide {
         for p in self.inflight.values_mut() {
             if p.sent_on != cur {
                 p.sent_on = None;
+            }
+        }
+    }
+
+    /// Asks the in-sync secondaries, one after the other, to take over; stops at the first
+    /// that accepts. Their answer does not change what this side does next: it keeps asking
+    /// the authority, which names the new primary once there is one.
+    async fn maybe_takeover(&mut self, info: &crate::authority::VolumeInfo, since: Instant) {
+        let Some(after) = self.cfg.takeover_after else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(since) < after
+            || self
+                .last_takeover
+                .is_some_and(|t| now.duration_since(t) < after)
+        {
+            return;
+        }
+        self.last_takeover = Some(now);
+        let reason = format!(
+            "client could not reach primary {:?} for {:?}",
+            info.primary,
+            now.duration_since(since)
+        );
+        for s in info
+            .servers
+            .iter()
+            .filter(|s| s.in_sync && Some(&s.server_id) != info.primary.as_ref())
+        {
+            let Ok(link) = PeerLink::connect(&s.data_addr, self.cfg.connect_timeout, None).await
+            else {
+                continue;
+            };
+            let h = Header::new(
+                MsgKind::Takeover,
+                link.next_request_id(),
+                self.volume.clone(),
+            );
+            match link
+                .call(&h, reason.as_bytes(), Duration::from_secs(5))
+                .await
+            {
+                Ok(f) if f.header.kind == MsgKind::Ok => {
+                    tracing::warn!(server = %s.server_id, "takeover accepted");
+                    return;
+                }
+                Ok(f) => {
+                    tracing::info!(server = %s.server_id, answer = ?ErrorBody::decode(&f.payload), "takeover refused")
+                }
+                Err(e) => {
+                    tracing::info!(server = %s.server_id, error = %e, "takeover request failed")
+                }
             }
         }
     }

@@ -800,3 +800,70 @@ fn cli_client_writes_and_verifies_stamped_blocks() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
+    use replicator::frame::{ErrorCode, MsgKind};
+    use replicator::pipeline::{PipelineConfig, ReplicationPipeline};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-t", &["s1", "s2"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-t"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-t"], &[])?;
+    wait_in_sync(&si, &s1, "vol-t", &["s2"])?;
+
+    // A client with a broken link to a healthy primary asks s2: refused, nothing changes.
+    let mut raw = RawConn::connect(&s2.data_addr)?;
+    raw.send(
+        &header(MsgKind::Takeover, 1, "vol-t", 0, 0),
+        b"test: my link to s1 is down",
+    )?;
+    assert_eq!(
+        error_code(&raw.recv()?.unwrap()),
+        Some(ErrorCode::PrimaryHealthy)
+    );
+    let i = si.fake.info(SITE, "vol-t").unwrap();
+    assert_eq!((i.primary.as_deref(), i.epoch), (Some("s1"), 1));
+
+    let mut cfg = PipelineConfig::new(SITE, "vol-t", si.client());
+    cfg.takeover_after = Some(Duration::from_millis(300));
+    let p = ReplicationPipeline::start(cfg)?;
+    let w = p.worker(32);
+    assert_eq!(write_blocks(&w, "vol-t", 0..300, 1)?.len(), 300);
+    // The primary really dies: the client's takeover request to s2 now goes through, the
+    // (stand-in) authority promotes s2, and the client continues there. The test itself
+    // does not touch the authority.
+    s1.kill9();
+    assert_eq!(write_blocks(&w, "vol-t", 0..600, 2)?.len(), 600);
+    let i = si.fake.info(SITE, "vol-t").unwrap();
+    assert_eq!((i.primary.as_deref(), i.epoch), (Some("s2"), 2));
+    for b in 0..600 {
+        let s = replicator::stamp::parse_stamp(&read_block(&w, b)?).unwrap();
+        assert_eq!((s.block, s.write_id), (b, 2), "block {b}");
+    }
+    // A takeover asked of a replica that is not in sync is refused.
+    s1.restart()?;
+    wait_until("s1 secondary", T, || {
+        s1.volume_health("vol-t").is_ok_and(|h| h["epoch"] == 2)
+    })?;
+    if !si
+        .fake
+        .info(SITE, "vol-t")
+        .unwrap()
+        .server("s1")
+        .unwrap()
+        .in_sync
+    {
+        let mut raw = RawConn::connect(&s1.data_addr)?;
+        raw.send(&header(MsgKind::Takeover, 2, "vol-t", 0, 0), b"test")?;
+        let code = error_code(&raw.recv()?.unwrap());
+        assert!(
+            matches!(
+                code,
+                Some(ErrorCode::NotInSync) | Some(ErrorCode::PrimaryHealthy)
+            ),
+            "{code:?}"
+        );
+    }
+    Ok(())
+}

@@ -373,6 +373,7 @@ async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Vec<u8> {
         }
         MsgKind::Flush => vol.client_flush(h).await.map(|_| Vec::new()),
         MsgKind::CatchUp => vol.secondary_catch_up(h).await,
+        MsgKind::Takeover => vol.takeover(&String::from_utf8_lossy(&payload)).await,
         _ => Err(Fail::new(
             ErrorCode::Unsupported,
             format!("{:?} is not a request this server serves", h.kind),

@@ -1027,6 +1027,63 @@ impl VolumeRuntime {
         .map_err(store_fail)
     }
 
+    // ---- takeover ----------------------------------------------------------------------
+
+    /// A client cannot reach the primary and asks this server to take over. It does so only
+    /// if it is in sync and the primary, asked over this server's own network path, does not
+    /// answer with a valid lease: one client's broken link must not depose a good primary.
+    /// On success the authority has designated a new primary (normally this server, which
+    /// then takes the lease once the old one has run out).
+    pub async fn takeover(&self, reason: &str) -> Result<Vec<u8>, Fail> {
+        let cfg = &self.ctx.config;
+        let me = cfg.server_id.as_str();
+        if matches!(self.role(), Role::Primary { .. }) {
+            return Ok(serde_json::to_vec(
+                &serde_json::json!({"primary": me, "epoch": self.fence().1}),
+            )
+            .expect("json"));
+        }
+        let info = self
+            .ctx
+            .authority
+            .volume_get(&cfg.site, self.name.as_str())
+            .await
+            .map_err(|e| Fail::new(ErrorCode::NotReady, format!("authority: {e}")))?;
+        if info.primary.as_deref() == Some(me) {
+            return Ok(serde_json::to_vec(
+                &serde_json::json!({"primary": me, "epoch": info.epoch}),
+            )
+            .expect("json"));
+        }
+        if !info.server(me).is_some_and(|s| s.in_sync) {
+            return Err(Fail::new(
+                ErrorCode::NotInSync,
+                "this replica is not in sync; it cannot take over",
+            ));
+        }
+        if let Some(p) = info.primary_entry() {
+            if primary_is_healthy(&p.data_addr, &self.name, cfg.replicate_timeout).await {
+                return Err(Fail::new(
+                    ErrorCode::PrimaryHealthy,
+                    format!("primary {} answers with a valid lease", p.server_id),
+                ));
+            }
+        }
+        tracing::warn!(volume = %self.name, reason, "primary unhealthy; requesting failover");
+        let out = self
+            .ctx
+            .authority
+            .failover_request(
+                &cfg.site,
+                self.name.as_str(),
+                &format!("takeover asked by a client: {reason}"),
+                false,
+            )
+            .await
+            .map_err(|e| Fail::new(ErrorCode::NotReady, format!("failover_request: {e}")))?;
+        Ok(serde_json::to_vec(&out).expect("json"))
+    }
+
     // ---- primary: keeping peers whole ---------------------------------------------------
 
     async fn peer_keeper(self: Arc<Self>, p: Arc<Peer>, epoch: u64) {
@@ -1233,6 +1290,29 @@ impl VolumeRuntime {
         self.tell_in_sync(p, epoch).await;
         Ok(())
     }
+}
+
+/// Asks the server at `addr` for its health and says whether it is the leased primary of
+/// `volume`. Any failure to answer in time counts as unhealthy.
+async fn primary_is_healthy(addr: &str, volume: &VolumeName, timeout: Duration) -> bool {
+    if addr.is_empty() {
+        return false;
+    }
+    let Ok(link) = PeerLink::connect(addr, timeout, None).await else {
+        return false;
+    };
+    let h = Header::new(MsgKind::Health, link.next_request_id(), VolumeName::none());
+    let Ok(f) = link.call(&h, &[], timeout).await else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&f.payload) else {
+        return false;
+    };
+    v["volumes"].as_array().is_some_and(|vols| {
+        vols.iter().any(|x| {
+            x["volume"] == volume.as_str() && x["role"] == "primary" && x["lease_valid"] == true
+        })
+    })
 }
 
 fn expect_ok(f: Frame) -> Result<(), Fail> {
