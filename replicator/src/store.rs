@@ -84,7 +84,11 @@ fn current_boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Injected disk faults for tests: while set, the named operation fails with that errno.
+/// The "errno" that makes an injected fault hang instead of fail.
+pub const FAULT_STALL: i32 = -1;
+
+/// Injected disk faults for tests: while set, the named operation fails with that errno
+/// (or, for [`FAULT_STALL`], hangs until the fault is cleared).
 #[derive(Debug, Default)]
 pub struct FaultInjector {
     read: AtomicI32,
@@ -116,6 +120,14 @@ impl FaultInjector {
     fn check(&self, op: FaultOp) -> io::Result<()> {
         match self.slot(op).load(Ordering::Relaxed) {
             0 => Ok(()),
+            FAULT_STALL => {
+                // A disk that hangs: the operation waits until the fault is changed (or the
+                // process dies), then proceeds.
+                while self.slot(op).load(Ordering::Relaxed) == FAULT_STALL {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                self.check(op)
+            }
             e => Err(io::Error::from_raw_os_error(e)),
         }
     }
@@ -271,6 +283,12 @@ impl VolumeReplica {
             region_size,
         )
         .map_err(|e| self.io_err(e))
+    }
+
+    /// Opens the primary's activity log: regions that may have writes in flight.
+    pub fn open_activity_log(&self, region_size: u64) -> Result<DirtyBitmap, StoreError> {
+        DirtyBitmap::open(&self.dir.join("activity.bm"), self.size_bytes, region_size)
+            .map_err(|e| self.io_err(e))
     }
 }
 
@@ -542,6 +560,16 @@ impl DirtyBitmap {
         self.words.iter_mut().for_each(|w| *w = u64::MAX);
         self.trim_tail();
         self.persist_all()
+    }
+
+    /// True if marking `offset..offset+len` would set no new bit (no disk write needed).
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        self.region_span(offset, len).all(|r| self.is_dirty(r))
+    }
+
+    /// The dirty regions.
+    pub fn dirty_list(&self) -> Vec<u64> {
+        (0..self.regions).filter(|&r| self.is_dirty(r)).collect()
     }
 
     pub fn clear_region(&mut self, region: u64) {

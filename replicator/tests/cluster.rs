@@ -867,3 +867,118 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn writes_in_flight_when_primary_and_client_die_are_resynced_from_the_activity_log() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-l", &["s1", "s2"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-l"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-l"], &[])?;
+    wait_in_sync(&si, &s1, "vol-l", &["s2"])?;
+    // A client process with many writes in flight; it and the primary die together, so the
+    // unanswered writes are never retried: some reached s2 and not s1's disk, or the reverse.
+    let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args([
+            "client",
+            "--authority",
+            &si.addr,
+            "--site",
+            SITE,
+            "--volume",
+            "vol-l",
+        ])
+        .args([
+            "write",
+            "--start",
+            "0",
+            "--count",
+            "16000",
+            "--write-id",
+            "1",
+            "--depth",
+            "128",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_until("writes under way", T, || {
+        s2.volume_health("vol-l").is_ok_and(|_| true)
+            && file_stamp(&s2.data_file("vol-l"), "vol-l", 2000).is_some()
+    })?;
+    s1.kill9();
+    let _ = client.kill();
+    let _ = client.wait();
+    s1.restart()?;
+    wait_until("s1 primary again", T, || is_primary(&s1, "vol-l"))?;
+    wait_in_sync(&si, &s1, "vol-l", &["s2"])?;
+    assert!(
+        s1.log_text().contains("activity log: resyncing"),
+        "the restarted primary resynced its active regions"
+    );
+    files_equal_blocks(
+        &s1.data_file("vol-l"),
+        &s2.data_file("vol-l"),
+        0..(64 * MIB / BS),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_log() -> Result<()> {
+    use replicator::frame::MsgKind;
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-d", &["s1", "s2"]);
+    let mut s1 = ServerProc::start(
+        "s1",
+        root.path(),
+        &si.addr,
+        &["vol-d"],
+        &["--enable-fault-injection"],
+    )?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-d"], &[])?;
+    wait_in_sync(&si, &s1, "vol-d", &["s2"])?;
+    let p = pipeline(&si, "vol-d");
+    let w = p.worker(8);
+    write_blocks(&w, "vol-d", 0..10, 1)?;
+    // s1's disk hangs: a write reaches s2 but never s1's disk, and is never answered.
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-d&op=write&errno=-1",
+    )?;
+    let (g, e) = {
+        let i = si.fake.info(SITE, "vol-d").unwrap();
+        (i.generation, i.epoch)
+    };
+    let mut raw = RawConn::connect(&s1.data_addr)?;
+    let mut h = header(MsgKind::Write, 1, "vol-d", g, e);
+    h.offset = 5 * BS;
+    h.length = BS as u32;
+    let data = replicator::stamp::stamp_block(
+        &replicator::stamp::Stamp {
+            volume: "vol-d".into(),
+            block: 5,
+            write_id: 2,
+        },
+        BS as usize,
+    );
+    raw.send(&h, &data)?;
+    wait_until("s2 applied the write", T, || {
+        file_stamp(&s2.data_file("vol-d"), "vol-d", 5) == Some(2)
+    })?;
+    assert_eq!(file_stamp(&s1.data_file("vol-d"), "vol-d", 5), Some(1));
+    s1.kill9();
+    s1.restart()?;
+    wait_until("s1 primary again", T, || is_primary(&s1, "vol-d"))?;
+    wait_in_sync(&si, &s1, "vol-d", &["s2"])?;
+    // The unacknowledged write is gone from s2 too: the replicas are whole again.
+    assert_eq!(file_stamp(&s2.data_file("vol-d"), "vol-d", 5), Some(1));
+    files_equal_blocks(
+        &s1.data_file("vol-d"),
+        &s2.data_file("vol-d"),
+        0..(64 * MIB / BS),
+    )?;
+    Ok(())
+}

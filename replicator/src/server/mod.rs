@@ -232,7 +232,13 @@ async fn volume_loop(ctx: Arc<ServerCtx>, name: String) {
             return;
         }
     };
-    let rt = VolumeRuntime::new(ctx.clone(), replica, info);
+    let rt = match VolumeRuntime::new(ctx.clone(), replica, info) {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(volume = %name, error = %e, "cannot open activity log");
+            return;
+        }
+    };
     ctx.volumes
         .write()
         .expect("volumes")

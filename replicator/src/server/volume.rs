@@ -192,6 +192,10 @@ pub struct VolumeRuntime {
     info: Mutex<VolumeInfo>,
     /// True while a new primary connects its in-sync peers (client I/O gets NotReady).
     activating: AtomicBool,
+    /// Regions that may have replicated writes in flight (persistent; see `activity_mark`).
+    activity: Arc<Mutex<DirtyBitmap>>,
+    /// Writes in flight per region, from their activity mark until every peer answered.
+    active_writes: Arc<Mutex<std::collections::HashMap<u64, u32>>>,
     pub stats: VolumeStats,
 }
 
@@ -222,9 +226,16 @@ fn store_fail(e: StoreError) -> Fail {
 }
 
 impl VolumeRuntime {
-    pub fn new(ctx: Arc<ServerCtx>, replica: Arc<VolumeReplica>, info: VolumeInfo) -> Arc<Self> {
+    pub fn new(
+        ctx: Arc<ServerCtx>,
+        replica: Arc<VolumeReplica>,
+        info: VolumeInfo,
+    ) -> Result<Arc<Self>, StoreError> {
         let meta = replica.meta();
-        Arc::new(Self {
+        let activity = Arc::new(Mutex::new(
+            replica.open_activity_log(ctx.config.region_size)?,
+        ));
+        Ok(Arc::new(Self {
             ctx,
             name: replica.name().clone(),
             replica,
@@ -240,8 +251,10 @@ impl VolumeRuntime {
             peers: Mutex::new(Vec::new()),
             info: Mutex::new(info),
             activating: AtomicBool::new(false),
+            activity,
+            active_writes: Arc::default(),
             stats: VolumeStats::default(),
-        })
+        }))
     }
 
     pub fn role(&self) -> Role {
@@ -404,6 +417,24 @@ impl VolumeRuntime {
                 failures: AtomicU64::new(0),
             }));
         }
+        // Regions that had writes in flight when this server last stopped as primary may
+        // differ between the replicas (those writes were never acknowledged): every peer gets
+        // them from this server's copy before it counts as in sync again.
+        let active = self.activity.lock().expect("activity").dirty_list();
+        let mut resync = false;
+        if !active.is_empty() {
+            tracing::warn!(volume = %self.name, regions = active.len(), "activity log: resyncing regions that had writes in flight");
+            for p in &peers {
+                let mut bm = p.bitmap.lock().expect("bitmap");
+                for &r in &active {
+                    if let Err(e) = bm.mark(r * cfg.region_size, 1) {
+                        tracing::error!(volume = %self.name, error = %e, "merging activity log; not taking the lease");
+                        return;
+                    }
+                }
+            }
+            resync = true;
+        }
         *self.peers.lock().expect("peers") = peers.clone();
         // Client I/O waits (NotReady) until the in-sync peers are connected below.
         self.activating.store(true, Ordering::SeqCst);
@@ -415,8 +446,31 @@ impl VolumeRuntime {
         tracing::info!(volume = %self.name, epoch, "primary");
         let me = self.clone();
         tokio::spawn(async move { me.renew_loop(epoch, grant.lease_ms).await });
+        let me = self.clone();
+        tokio::spawn(async move { me.activity_cleaner(epoch).await });
         // In-sync peers are connected before the first write needs them; one that cannot
         // be reached is marked out of sync now rather than by the first write.
+        for p in &peers {
+            if resync && p.state() == PeerState::InSync {
+                // Through catch-up (incremental: only the merged regions) back to in sync.
+                let _ = self.peer_failed(p, 0, 0, false, epoch).await;
+            }
+        }
+        if resync {
+            let a = self.activity.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut a = a.lock().expect("activity");
+                for r in a.dirty_list() {
+                    a.clear_region(r);
+                }
+                a.persist_all()
+            })
+            .await
+            .expect("activity task");
+            if let Err(e) = r {
+                tracing::warn!(volume = %self.name, error = %e, "clearing activity log");
+            }
+        }
         for p in &peers {
             if p.state() == PeerState::InSync {
                 if let Err(e) = self.connect_in_sync(p, epoch).await {
@@ -650,11 +704,23 @@ impl VolumeRuntime {
     ) -> Result<(), Fail> {
         let mut sends = Vec::new();
         let mut missed = Vec::new();
-        let mut ticket = {
+        // `_active` lives until every peer answered: the region stays in the activity log.
+        let (mut ticket, _active) = {
             let mut sq = self.seq.lock().await;
             if !self.is_primary_at(e) {
                 return Err(Fail::new(ErrorCode::LeaseExpired, "no longer primary"));
             }
+            let active = if self.peers.lock().expect("peers").is_empty() {
+                None
+            } else {
+                self.activity_mark(off, len).await?;
+                Some(ActiveWrite::enter(
+                    &self.active_writes,
+                    off,
+                    len,
+                    self.ctx.config.region_size,
+                ))
+            };
             let seq = self.next_seq(&mut sq).await?;
             let ticket = self
                 .overlap
@@ -682,7 +748,7 @@ impl VolumeRuntime {
                     },
                 }
             }
-            ticket
+            (ticket, active)
         };
         // A peer that is away lacks this write: say so durably before it can be acked.
         for p in &missed {
@@ -712,6 +778,55 @@ impl VolumeRuntime {
             ));
         }
         Ok(())
+    }
+
+    /// Records durably, before a write is sent anywhere, that its regions may have a write
+    /// in flight (called under the sequencer lock). Only a region's first write since the
+    /// last clean costs a disk write.
+    async fn activity_mark(&self, off: u64, len: u64) -> Result<(), Fail> {
+        if self.activity.lock().expect("activity").covers(off, len) {
+            return Ok(());
+        }
+        let a = self.activity.clone();
+        tokio::task::spawn_blocking(move || a.lock().expect("activity").mark(off, len))
+            .await
+            .expect("activity task")
+            .map_err(|e| Fail::new(ErrorCode::Io, format!("persisting activity log: {e}")))
+    }
+
+    /// Every second, clears the activity bits of regions with no write in flight. Runs under
+    /// the sequencer lock, so no write is between its mark and its registration.
+    async fn activity_cleaner(self: Arc<Self>, epoch: u64) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !self.is_primary_at(epoch) {
+                return;
+            }
+            let _sq = self.seq.lock().await;
+            let a = self.activity.clone();
+            let busy = self.active_writes.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut a = a.lock().expect("activity");
+                let busy = busy.lock().expect("active writes");
+                let mut cleared = false;
+                for r in a.dirty_list() {
+                    if !busy.contains_key(&r) {
+                        a.clear_region(r);
+                        cleared = true;
+                    }
+                }
+                if cleared {
+                    a.persist_all()
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .expect("activity task");
+            if let Err(e) = r {
+                tracing::warn!(volume = %self.name, error = %e, "cleaning activity log");
+            }
+        }
     }
 
     /// Waits (in parallel: all were sent already) for the peers' answers until one common
@@ -1289,6 +1404,45 @@ impl VolumeRuntime {
         tracing::info!(volume = %self.name, peer = %p.server_id, "catch-up complete");
         self.tell_in_sync(p, epoch).await;
         Ok(())
+    }
+}
+
+/// A write counted in `active_writes` from its activity mark until it is answered.
+struct ActiveWrite {
+    map: Arc<Mutex<std::collections::HashMap<u64, u32>>>,
+    regions: std::ops::Range<u64>,
+}
+
+impl ActiveWrite {
+    fn enter(
+        map: &Arc<Mutex<std::collections::HashMap<u64, u32>>>,
+        off: u64,
+        len: u64,
+        region_size: u64,
+    ) -> Self {
+        let regions = off / region_size..(off + len.max(1) - 1) / region_size + 1;
+        let mut m = map.lock().expect("active writes");
+        for r in regions.clone() {
+            *m.entry(r).or_insert(0) += 1;
+        }
+        Self {
+            map: map.clone(),
+            regions,
+        }
+    }
+}
+
+impl Drop for ActiveWrite {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().expect("active writes");
+        for r in self.regions.clone() {
+            if let Some(n) = m.get_mut(&r) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&r);
+                }
+            }
+        }
     }
 }
 
