@@ -126,6 +126,14 @@ pub trait Authority: Send + Sync + 'static {
         epoch: u64,
     ) -> BoxFuture<'a, Result<LeaseGrant, AuthorityError>>;
 
+    fn lease_release<'a>(
+        &'a self,
+        site: &'a str,
+        volume: &'a str,
+        server_id: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<(), AuthorityError>>;
+
     fn volume_set_in_sync<'a>(
         &'a self,
         site: &'a str,

@@ -234,6 +234,24 @@ impl Authority for RpcAuthority {
         ))
     }
 
+    fn lease_release<'a>(
+        &'a self,
+        site: &'a str,
+        volume: &'a str,
+        server_id: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<(), AuthorityError>> {
+        Box::pin(async move {
+            let _: Value = self
+                .call(
+                    "lease_release",
+                    json!({"site": site, "volume": volume, "server_id": server_id, "epoch": epoch}),
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
     fn volume_set_in_sync<'a>(
         &'a self,
         site: &'a str,

@@ -982,3 +982,27 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
     )?;
     Ok(())
 }
+
+#[test]
+fn sigterm_stops_acknowledging_and_releases_the_lease() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    si.fake.create_volume(
+        SITE,
+        "vol-s",
+        16 * MIB,
+        BS as u32,
+        5000,
+        &["s1"],
+        "s1",
+        &["s1"],
+    );
+    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-s"], &[])?;
+    wait_until("s1 primary", T, || is_primary(&s1, "vol-s"))?;
+    assert_eq!(si.fake.lease_holder(SITE, "vol-s").as_deref(), Some("s1"));
+    assert!(s1.terminate(), "clean exit on SIGTERM");
+    // The 5 s lease is given back at once rather than left to run out.
+    assert_eq!(si.fake.lease_holder(SITE, "vol-s"), None);
+    assert!(s1.log_text().contains("lease released"));
+    Ok(())
+}

@@ -223,6 +223,34 @@ impl FakeAuthority {
         })
     }
 
+    pub fn do_lease_release(
+        &self,
+        site: &str,
+        volume: &str,
+        server: &str,
+        epoch: u64,
+    ) -> Result<(), AuthorityError> {
+        self.with_volume(site, volume, |v| {
+            if v.lease
+                .as_ref()
+                .is_some_and(|l| l.holder == server && l.epoch == epoch)
+            {
+                v.lease = None;
+            }
+            Ok(())
+        })
+    }
+
+    /// The current lease holder, if its lease has not run out.
+    pub fn lease_holder(&self, site: &str, volume: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        st.volumes
+            .get(&(site.to_owned(), volume.to_owned()))
+            .and_then(|v| v.lease.as_ref())
+            .filter(|l| l.expires > Instant::now())
+            .map(|l| l.holder.clone())
+    }
+
     pub fn do_set_in_sync(
         &self,
         site: &str,
@@ -333,6 +361,16 @@ impl Authority for FakeAuthority {
         epoch: u64,
     ) -> BoxFuture<'a, Result<LeaseGrant, AuthorityError>> {
         ready(self.do_lease_renew(site, volume, server_id, epoch))
+    }
+
+    fn lease_release<'a>(
+        &'a self,
+        site: &'a str,
+        volume: &'a str,
+        server_id: &'a str,
+        epoch: u64,
+    ) -> BoxFuture<'a, Result<(), AuthorityError>> {
+        ready(self.do_lease_release(site, volume, server_id, epoch))
     }
 
     fn volume_set_in_sync<'a>(

@@ -402,5 +402,31 @@ pub async fn serve(config: ServerConfig, authority: Arc<dyn Authority>) -> anyho
         "replicator listening data={} admin={}",
         s.ctx.data_addr, s.ctx.admin_addr
     );
-    s.run().await
+    let ctx = s.ctx.clone();
+    tokio::select! {
+        r = s.run() => r,
+        _ = shutdown_signal() => {
+            for v in ctx.all_volumes() {
+                v.release().await;
+            }
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just not gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

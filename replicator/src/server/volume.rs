@@ -332,9 +332,11 @@ impl VolumeRuntime {
             Role::Secondary { .. } => {
                 let (g, e) = self.fence();
                 if (info.generation, info.epoch) > (g, e) {
-                    if let Err(err) = self.replica.update_meta(|m| {
-                        m.generation = info.generation;
-                        m.epoch = info.epoch;
+                    if let Err(err) = blocking(|| {
+                        self.replica.update_meta(|m| {
+                            m.generation = info.generation;
+                            m.epoch = info.epoch;
+                        })
                     }) {
                         tracing::warn!(volume = %self.name, error = %err, "persisting epoch");
                     }
@@ -372,11 +374,13 @@ impl VolumeRuntime {
         let until = sent + lease_usable(grant.lease_ms, cfg.drift_margin_ms);
         let epoch = grant.epoch;
         // The seq of a restarted primary continues above anything it may have used.
-        let meta = match self.replica.update_meta(|m| {
-            m.generation = grant.generation;
-            m.epoch = epoch;
-            m.followed_epoch = epoch;
-            m.seq_reserved += SEQ_CHUNK;
+        let meta = match blocking(|| {
+            self.replica.update_meta(|m| {
+                m.generation = grant.generation;
+                m.epoch = epoch;
+                m.followed_epoch = epoch;
+                m.seq_reserved += SEQ_CHUNK;
+            })
         }) {
             Ok(m) => m,
             Err(e) => {
@@ -580,6 +584,24 @@ impl VolumeRuntime {
         }
     }
 
+    /// Graceful stop: stop acknowledging, then give the lease back so a new primary need not
+    /// wait for it to run out.
+    pub async fn release(&self) {
+        if let Role::Primary { epoch, .. } = self.role() {
+            self.step_down("shutting down");
+            let cfg = &self.ctx.config;
+            match self
+                .ctx
+                .authority
+                .lease_release(&cfg.site, self.name.as_str(), &cfg.server_id, epoch)
+                .await
+            {
+                Ok(()) => tracing::info!(volume = %self.name, epoch, "lease released"),
+                Err(e) => tracing::warn!(volume = %self.name, error = %e, "lease_release"),
+            }
+        }
+    }
+
     pub fn step_down(&self, why: &str) {
         let was = {
             let mut r = self.role.lock().expect("role");
@@ -642,9 +664,8 @@ impl VolumeRuntime {
 
     async fn next_seq(&self, sq: &mut Sequencer) -> Result<u64, Fail> {
         if sq.next > sq.reserved {
-            let m = self
-                .replica
-                .update_meta(|m| m.seq_reserved = sq.next + SEQ_CHUNK)
+            let upto = sq.next + SEQ_CHUNK;
+            let m = blocking(|| self.replica.update_meta(|m| m.seq_reserved = upto))
                 .map_err(store_fail)?;
             sq.reserved = m.seq_reserved;
         }
@@ -1016,13 +1037,14 @@ impl VolumeRuntime {
             }
         }
         if theirs > known {
-            self.replica
-                .update_meta(|m| {
+            blocking(|| {
+                self.replica.update_meta(|m| {
                     m.generation = h.generation;
                     m.epoch = h.epoch;
                     m.followed_epoch = h.epoch;
                 })
-                .map_err(store_fail)?;
+            })
+            .map_err(store_fail)?;
             self.overlap.reset_seq();
             tracing::info!(volume = %self.name, epoch = h.epoch, "following a newer primary");
         }
@@ -1404,6 +1426,17 @@ impl VolumeRuntime {
         tracing::info!(volume = %self.name, peer = %p.server_id, "catch-up complete");
         self.tell_in_sync(p, epoch).await;
         Ok(())
+    }
+}
+
+/// Runs a short blocking store call (an fsync of `meta.json`) from async code without
+/// stalling the runtime's other tasks on this thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

@@ -73,6 +73,10 @@ fn dispatch(fake: &FakeAuthority, method: &str, p: &Value) -> Result<Value, Auth
             u("epoch"),
         )?)
         .unwrap(),
+        "lease_release" => {
+            fake.do_lease_release(&s("site"), &s("volume"), &s("server_id"), u("epoch"))?;
+            json!({})
+        }
         "volume_set_in_sync" => serde_json::to_value(fake.do_set_in_sync(
             &s("site"),
             &s("volume"),
@@ -292,6 +296,16 @@ impl ServerProc {
         self.admin_addr = a;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().map(|s| s.success()).unwrap_or(false)
     }
 
     pub fn kill9(&mut self) {
