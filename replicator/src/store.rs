@@ -709,6 +709,8 @@ mod tests {
     }
 
     proptest! {
+        // Each case fsyncs a file per mark: a few dozen cases keep this test short.
+        #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]
         fn bitmap_marks_survive_reopen(marks in prop::collection::vec((0u64..(64 << 20), 1u64..(4 << 20)), 0..20)) {
             let dir = tempfile::tempdir().unwrap();
