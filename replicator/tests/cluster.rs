@@ -399,6 +399,30 @@ fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Resul
         assert_eq!((s.block, s.write_id), (b, 1));
     }
     write_blocks(&wx, "vol-x", 0..10, 3)?;
+    // FLUSH and FUA reach the disk: with fdatasync failing, both fail (and nothing else does).
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=sync&errno=5",
+    )?;
+    assert!(flush(&wx).is_err());
+    wx.submit(IoRequest {
+        tag: 2,
+        kind: IoKind::Write,
+        offset: 0,
+        len: 0,
+        data: vec![0; BS as usize],
+        fua: true,
+    })
+    .unwrap();
+    assert!(wx.wait(Duration::from_secs(20)).unwrap().result.is_err());
+    write_blocks(&wx, "vol-x", 20..30, 4)?;
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-x&op=sync&errno=0",
+    )?;
+    flush(&wx)?;
     // Fault injection is refused on a server that did not enable it.
     let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-y"], &[])?;
     assert!(http(
@@ -655,6 +679,35 @@ fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> 
             "block {b}"
         );
     }
+    // A secondary whose fdatasync fails a FLUSH may have lost anything since its last one:
+    // the flush still completes (on the primary alone) and every region is copied again.
+    http(
+        &s2.admin_addr,
+        "POST",
+        "/fault?volume=vol-e&op=sync&errno=5",
+    )?;
+    flush(&w)?;
+    assert!(
+        !si.fake
+            .info(SITE, "vol-e")
+            .unwrap()
+            .server("s2")
+            .unwrap()
+            .in_sync
+    );
+    http(
+        &s2.admin_addr,
+        "POST",
+        "/fault?volume=vol-e&op=sync&errno=0",
+    )?;
+    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
+    // Every region was copied (the bitmap was marked whole).
+    assert_eq!(s1.volume_health("vol-e")?["peers"][0]["copy_total"], 64);
+    files_equal_blocks(
+        &s1.data_file("vol-e"),
+        &s2.data_file("vol-e"),
+        0..(64 * MIB / BS),
+    )?;
     Ok(())
 }
 
