@@ -52,6 +52,7 @@ pub fn health_json(ctx: &ServerCtx) -> Value {
                 "epoch": e,
                 "lease_valid": v.lease_valid(),
                 "accepting_io": v.accepting_io(),
+                "io_stalled": v.io_stalled(),
                 "lease_remaining_ms": v.lease_remaining_ms(),
                 "degraded": role == "primary" && degraded,
                 "peers": peers,

@@ -231,6 +231,9 @@ struct NetSide {
     /// Since when the primary named by the authority could not be connected to.
     unreachable_since: Option<Instant>,
     last_takeover: Option<Instant>,
+    /// The last answer from (or connection to) the primary: progress, for stall detection.
+    last_progress: Instant,
+    last_info: Option<crate::authority::VolumeInfo>,
 }
 
 impl NetSide {
@@ -251,6 +254,8 @@ impl NetSide {
             events_rx,
             unreachable_since: None,
             last_takeover: None,
+            last_progress: Instant::now(),
+            last_info: None,
         }
     }
 
@@ -335,6 +340,7 @@ impl NetSide {
                 Ok(l) => {
                     self.link = Some(l);
                     self.unreachable_since = None;
+                    self.last_progress = Instant::now();
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "pipeline: connect to primary");
@@ -346,6 +352,7 @@ impl NetSide {
         }
         self.fence = (info.generation, info.epoch);
         self.need_refresh = false;
+        self.last_info = Some(info.clone());
         // Everything not answered on the current link goes again, in submission order.
         let cur = self.link.as_ref().map(PeerLink::id);
         for p in self.inflight.values_mut() {
@@ -471,6 +478,7 @@ impl NetSide {
             Ok(f) => f,
             Err(_) => return,
         };
+        self.last_progress = Instant::now();
         if f.header.kind == MsgKind::Ok {
             self.complete(order, Ok(f.payload));
             return;
@@ -502,6 +510,27 @@ impl NetSide {
         }
     }
 
+    /// Requests wait on a connected primary that answers nothing: ask a secondary to take
+    /// over (it decides whether the primary is really unhealthy) and look again.
+    async fn check_stall(&mut self) {
+        let Some(after) = self.cfg.takeover_after else {
+            return;
+        };
+        let Some(cur) = self.link.as_ref().map(PeerLink::id) else {
+            return;
+        };
+        let waiting = self.inflight.values().any(|p| p.sent_on == Some(cur));
+        if !waiting || self.last_progress.elapsed() < after {
+            return;
+        }
+        if let Some(info) = self.last_info.clone() {
+            let since = self.last_progress;
+            self.maybe_takeover(&info, since).await;
+        }
+        self.need_refresh = true;
+        self.next_refresh = Instant::now();
+    }
+
     fn expire(&mut self) {
         let now = Instant::now();
         let late: Vec<u64> = self
@@ -531,6 +560,7 @@ impl NetSide {
                 self.send_unsent();
             }
             self.expire();
+            self.check_stall().await;
             while let Ok(ev) = self.events_rx.try_recv() {
                 self.on_event(ev);
             }

@@ -1059,3 +1059,45 @@ fn sigterm_stops_acknowledging_and_releases_the_lease() -> Result<()> {
     assert!(s1.log_text().contains("lease released"));
     Ok(())
 }
+
+#[test]
+fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> Result<()> {
+    use replicator::pipeline::{PipelineConfig, ReplicationPipeline};
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    two_server_volume(&si, "vol-h", &["s1", "s2"]);
+    let s1 = ServerProc::start(
+        "s1",
+        root.path(),
+        &si.addr,
+        &["vol-h"],
+        &["--enable-fault-injection"],
+    )?;
+    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-h"], &[])?;
+    wait_in_sync(&si, &s1, "vol-h", &["s2"])?;
+    let mut cfg = PipelineConfig::new(SITE, "vol-h", si.client());
+    cfg.takeover_after = Some(Duration::from_millis(300));
+    let p = ReplicationPipeline::start(cfg)?;
+    let w = p.worker(16);
+    write_blocks(&w, "vol-h", 0..100, 1)?;
+    // s1 keeps its lease and answers health, but its disk hangs: writes stop completing.
+    http(
+        &s1.admin_addr,
+        "POST",
+        "/fault?volume=vol-h&op=write&errno=-1",
+    )?;
+    assert_eq!(write_blocks(&w, "vol-h", 0..200, 2)?.len(), 200);
+    let i = si.fake.info(SITE, "vol-h").unwrap();
+    assert_eq!((i.primary.as_deref(), i.epoch), (Some("s2"), 2));
+    assert!(is_primary(&s2, "vol-h"));
+    assert_eq!(
+        s1.volume_health("vol-h")?["role"],
+        "secondary",
+        "s1 stepped down"
+    );
+    for b in 0..200 {
+        let s = replicator::stamp::parse_stamp(&read_block(&w, b)?).unwrap();
+        assert_eq!((s.block, s.write_id), (b, 2), "block {b}");
+    }
+    Ok(())
+}

@@ -178,6 +178,8 @@ pub struct VolumeStats {
     pub inflight: AtomicU64,
     /// Milliseconds since the server started, of the last successful I/O (0: none).
     pub last_ok_ms: AtomicU64,
+    /// Milliseconds since the server started, when `inflight` last rose from zero.
+    pub busy_since_ms: AtomicU64,
 }
 
 pub struct VolumeRuntime {
@@ -274,6 +276,22 @@ impl VolumeRuntime {
             Role::Primary { epoch, .. } => self.lease.valid(epoch),
             Role::Secondary { .. } => false,
         }
+    }
+
+    /// Client writes are outstanding and none has completed for `replicate_timeout`: the
+    /// disk (or the fan-out) is stuck. A primary in this state counts as unhealthy for a
+    /// takeover.
+    pub fn io_stalled(&self) -> bool {
+        if self.stats.inflight.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let now = self.ctx.started.elapsed().as_millis() as u64;
+        let progress = self
+            .stats
+            .last_ok_ms
+            .load(Ordering::Relaxed)
+            .max(self.stats.busy_since_ms.load(Ordering::Relaxed));
+        now.saturating_sub(progress) > self.ctx.config.replicate_timeout.as_millis() as u64
     }
 
     /// Serving client I/O now: primary, leased, in-sync peers connected.
@@ -697,7 +715,12 @@ impl VolumeRuntime {
         let off = h.offset;
         self.replica.check_range(off, len).map_err(store_fail)?;
         let fua = h.flags & FLAG_FUA != 0;
-        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
+        if self.stats.inflight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.stats.busy_since_ms.store(
+                self.ctx.started.elapsed().as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
         let r = self.sequenced_write(op, off, len, fua, payload, g, e).await;
         self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
         match &r {
@@ -1480,7 +1503,7 @@ impl Drop for ActiveWrite {
 }
 
 /// Asks the server at `addr` for its health and says whether it is the leased primary of
-/// `volume`. Any failure to answer in time counts as unhealthy.
+/// `volume` with its I/O progressing. Any failure to answer in time counts as unhealthy.
 async fn primary_is_healthy(addr: &str, volume: &VolumeName, timeout: Duration) -> bool {
     if addr.is_empty() {
         return false;
@@ -1497,7 +1520,10 @@ async fn primary_is_healthy(addr: &str, volume: &VolumeName, timeout: Duration) 
     };
     v["volumes"].as_array().is_some_and(|vols| {
         vols.iter().any(|x| {
-            x["volume"] == volume.as_str() && x["role"] == "primary" && x["lease_valid"] == true
+            x["volume"] == volume.as_str()
+                && x["role"] == "primary"
+                && x["lease_valid"] == true
+                && x["io_stalled"] != true
         })
     })
 }
