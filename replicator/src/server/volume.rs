@@ -118,10 +118,10 @@ impl Peer {
     }
 }
 
-/// A replicated operation sent to one peer: (peer, it was in sync, its answer if it went out).
+/// A replicated operation sent to one peer: the peer and its answer, if it went out. Whether
+/// a failure blocks the acknowledgement is the peer's state's business (`peer_failed`).
 type PeerSend = (
     Arc<Peer>,
-    bool,
     Option<tokio::sync::oneshot::Receiver<Result<Frame, crate::conn::LinkError>>>,
 );
 
@@ -780,15 +780,15 @@ impl VolumeRuntime {
             for p in self.peers() {
                 match p.state() {
                     PeerState::OutOfSync => missed.push(p),
-                    st => match p.link() {
+                    _ => match p.link() {
                         Some(l) => {
                             rh.request_id = l.next_request_id();
                             match l.send(&rh, body) {
-                                Ok(rx) => sends.push((p, st == PeerState::InSync, Some(rx))),
-                                Err(_) => sends.push((p, st == PeerState::InSync, None)),
+                                Ok(rx) => sends.push((p, Some(rx))),
+                                Err(_) => sends.push((p, None)),
                             }
                         }
-                        None => sends.push((p, st == PeerState::InSync, None)),
+                        None => sends.push((p, None)),
                     },
                 }
             }
@@ -884,7 +884,7 @@ impl VolumeRuntime {
         epoch: u64,
     ) -> Result<(), Fail> {
         let deadline = tokio::time::Instant::now() + self.ctx.config.replicate_timeout;
-        for (p, _required, rx) in sends {
+        for (p, rx) in sends {
             let outcome = match rx {
                 None => Err("no connection".to_string()),
                 Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
@@ -1015,7 +1015,7 @@ impl VolumeRuntime {
                     rh.request_id = l.next_request_id();
                     l.send(&rh, &[]).ok()
                 });
-                sends.push((p, st == PeerState::InSync, rx));
+                sends.push((p, rx));
             }
             t
         };
