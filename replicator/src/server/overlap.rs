@@ -184,6 +184,57 @@ mod tests {
             .unwrap();
     }
 
+    /// Two replicas apply the same stream of overlapping writes with different random delays:
+    /// both end equal to applying the stream one by one in seq order.
+    #[test]
+    fn overlapping_writes_end_as_in_seq_order_whatever_the_delays() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config::with_cases(48));
+        let ops = prop::collection::vec((0u64..24, 1u64..6, 0u64..300, 0u64..300), 1..40);
+        runner
+            .run(&ops, |ops| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let mut expect = vec![0u8; 32];
+                for (i, &(start, len, _, _)) in ops.iter().enumerate() {
+                    for b in start..start + len {
+                        expect[b as usize] = i as u8 + 1;
+                    }
+                }
+                for replica in 0..2 {
+                    let disk = Arc::new(Mutex::new(vec![0u8; 32]));
+                    let q = Arc::new(OverlapQueue::default());
+                    rt.block_on(async {
+                        let mut tasks = Vec::new();
+                        for (i, &(start, len, d0, d1)) in ops.iter().enumerate() {
+                            let mut t = q.register(i as u64 + 1, start, len, false).unwrap();
+                            let disk = disk.clone();
+                            let delay = if replica == 0 { d0 } else { d1 };
+                            tasks.push(tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_micros(delay)).await;
+                                t.ready().await;
+                                let mut d = disk.lock().unwrap();
+                                for b in start..start + len {
+                                    d[b as usize] = i as u8 + 1;
+                                }
+                                drop(d);
+                                drop(t);
+                            }));
+                        }
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                    });
+                    prop_assert_eq!(&*disk.lock().unwrap(), &expect);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn seq_must_grow() {
         let q = Arc::new(OverlapQueue::default());

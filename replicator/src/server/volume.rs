@@ -1046,20 +1046,23 @@ impl VolumeRuntime {
             .ok_or_else(|| Fail::new(ErrorCode::Invalid, "replicate without a known op"))?;
         let theirs = (h.generation, h.epoch);
         let known = self.fence();
-        if theirs < known {
-            return Err(Fail::stale(known));
-        }
-        if let Role::Primary { epoch, generation } = self.role() {
-            if theirs > (generation, epoch) {
-                self.step_down("replicated write from a newer epoch");
-            } else {
+        let primary_of = match self.role() {
+            Role::Primary { epoch, generation } => Some((generation, epoch)),
+            Role::Secondary { .. } => None,
+        };
+        let step = fence_step(known, theirs, primary_of);
+        match step {
+            FenceStep::Reject => return Err(Fail::stale(known)),
+            FenceStep::SamePrimary => {
                 return Err(Fail::new(
                     ErrorCode::Invalid,
                     "this server is the primary of that epoch",
-                ));
+                ))
             }
+            FenceStep::StepDownAndFollow => self.step_down("replicated write from a newer epoch"),
+            FenceStep::Apply | FenceStep::Follow => {}
         }
-        if theirs > known {
+        if matches!(step, FenceStep::Follow | FenceStep::StepDownAndFollow) {
             blocking(|| {
                 self.replica.update_meta(|m| {
                     m.generation = h.generation;
@@ -1452,6 +1455,39 @@ impl VolumeRuntime {
     }
 }
 
+/// What a replica does with a replicated frame stamped `theirs`, knowing `known` (and, if it
+/// is a primary itself, the pair it is primary of).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceStep {
+    /// Older than what this replica knows: refuse with the newer pair.
+    Reject,
+    /// This replica is the primary of that very pair: two primaries in one epoch never exist,
+    /// so the frame is invalid.
+    SamePrimary,
+    /// Same pair as known: apply.
+    Apply,
+    /// Newer: learn it (durably), then apply.
+    Follow,
+    /// Newer than the epoch this replica is primary of: it was deposed.
+    StepDownAndFollow,
+}
+
+pub fn fence_step(
+    known: (u64, u64),
+    theirs: (u64, u64),
+    primary_of: Option<(u64, u64)>,
+) -> FenceStep {
+    if theirs < known {
+        return FenceStep::Reject;
+    }
+    match primary_of {
+        Some(mine) if theirs <= mine => FenceStep::SamePrimary,
+        Some(_) => FenceStep::StepDownAndFollow,
+        None if theirs > known => FenceStep::Follow,
+        None => FenceStep::Apply,
+    }
+}
+
 /// Runs a short blocking store call (an fsync of `meta.json`) from async code without
 /// stalling the runtime's other tasks on this thread.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -1542,4 +1578,45 @@ fn expect_ok(f: Frame) -> Result<(), Fail> {
 /// How long a lease of `lease_ms` may be acted on, counted from when it was requested.
 fn lease_usable(lease_ms: u64, drift_margin_ms: u64) -> Duration {
     Duration::from_millis(lease_ms.saturating_sub(drift_margin_ms.max(lease_ms / 10)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pair() -> impl Strategy<Value = (u64, u64)> {
+        (0u64..4, 0u64..6)
+    }
+
+    proptest! {
+        /// A replica fed any sequence of stamped frames never goes back to an older pair and
+        /// never applies a frame older than what it knew when the frame arrived.
+        #[test]
+        fn fencing_never_goes_back(frames in prop::collection::vec(pair(), 1..50)) {
+            let mut known = (0u64, 0u64);
+            for theirs in frames {
+                match fence_step(known, theirs, None) {
+                    FenceStep::Reject => prop_assert!(theirs < known),
+                    FenceStep::Apply => prop_assert_eq!(theirs, known),
+                    FenceStep::Follow => {
+                        prop_assert!(theirs > known);
+                        known = theirs;
+                    }
+                    s => prop_assert!(false, "secondary got {:?}", s),
+                }
+            }
+        }
+
+        /// A primary steps down exactly for frames newer than its own epoch and rejects the
+        /// rest; it never applies a replicated write while primary.
+        #[test]
+        fn a_primary_applies_nothing_replicated(mine in pair(), theirs in pair()) {
+            match fence_step(mine, theirs, Some(mine)) {
+                FenceStep::StepDownAndFollow => prop_assert!(theirs > mine),
+                FenceStep::Reject | FenceStep::SamePrimary => prop_assert!(theirs <= mine),
+                s => prop_assert!(false, "primary got {:?}", s),
+            }
+        }
+    }
 }
