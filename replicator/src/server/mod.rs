@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 use volume::{VolumeRuntime, WriteOp};
 
 #[derive(Debug, Clone)]
@@ -158,7 +159,8 @@ impl Server {
         tokio::spawn(crate::health::serve_admin(ctx.clone(), self.admin));
         tokio::spawn(register_and_heartbeat(ctx.clone()));
         for v in ctx.config.volumes.clone() {
-            tokio::spawn(volume_loop(ctx.clone(), v));
+            let span = tracing::info_span!("volume", server = %ctx.config.server_id, volume = %v);
+            tokio::spawn(volume_loop(ctx.clone(), v).instrument(span));
         }
         loop {
             let (stream, peer) = match self.data.accept().await {
@@ -170,7 +172,8 @@ impl Server {
                 }
             };
             ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(serve_conn(ctx.clone(), stream, peer));
+            let span = tracing::info_span!("conn", server = %ctx.config.server_id, %peer);
+            tokio::spawn(serve_conn(ctx.clone(), stream, peer).instrument(span));
         }
     }
 }
