@@ -286,6 +286,21 @@ fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<
     truncated.s.shutdown(std::net::Shutdown::Write)?;
     assert!(truncated.closed_by_server());
 
+    let mut answer_to_server = RawConn::connect(&s1.data_addr)?;
+    answer_to_server.send(&header(MsgKind::Ok, 1, "vol-g", g, e), &[])?;
+    assert!(
+        answer_to_server.closed_by_server(),
+        "an answer sent to a server closes"
+    );
+
+    // A replicated frame without a known op is refused, the connection stays.
+    let mut h = header(MsgKind::Replicate, 20, "vol-g", g, e + 1);
+    h.flags = 0x0f00;
+    h.seq = 1;
+    good.send(&h, &[])?;
+    let f = good.recv()?.expect("connection stays open");
+    assert_eq!(error_code(&f), Some(ErrorCode::Invalid));
+
     // Well-formed but wrong requests get an error answer, the connection stays.
     let mut h = header(MsgKind::Read, 10, "no-such-volume", g, e);
     h.length = BS as u32;
@@ -329,7 +344,7 @@ fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<
     // The pipeline client was never disturbed.
     write_blocks(&w, "vol-g", 10..20, 2)?;
     let bad = s1.health()?["bad_frames"].as_u64().unwrap();
-    assert!(bad >= 4, "bad frames counted: {bad}");
+    assert!(bad >= 5, "bad frames counted: {bad}");
     Ok(())
 }
 
