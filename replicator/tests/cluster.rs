@@ -1116,3 +1116,69 @@ fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> R
     }
     Ok(())
 }
+
+#[test]
+fn a_rebuild_interrupted_by_a_secondary_kill9_resumes_where_it_was() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let si = StandIn::start();
+    si.fake.create_volume(
+        SITE,
+        "vol-u",
+        32 * MIB,
+        BS as u32,
+        1000,
+        &["s1", "s2"],
+        "s1",
+        &["s1"],
+    );
+    let s1 = ServerProc::start(
+        "s1",
+        root.path(),
+        &si.addr,
+        &["vol-u"],
+        &["--rebuild-rate", "16777216"],
+    )?;
+    wait_until("s1 primary", T, || is_primary(&s1, "vol-u"))?;
+    let p = pipeline(&si, "vol-u");
+    let w = p.worker(32);
+    write_blocks(&w, "vol-u", (0..8192).step_by(3), 1)?;
+    let mut s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-u"], &[])?;
+    let mut done_before = 0;
+    wait_until("half the rebuild", T, || {
+        s1.volume_health("vol-u").is_ok_and(|h| {
+            done_before = h["peers"][0]["copy_done"].as_u64().unwrap_or(0);
+            h["peers"][0]["full_rebuild"] == true && done_before >= 12
+        })
+    })?;
+    s2.kill9();
+    s2.restart()?;
+    // The next attempt starts from the primary's bitmap: fewer regions than a full copy.
+    wait_until("resumed catch-up", T, || {
+        s1.volume_health("vol-u").is_ok_and(|h| {
+            let p = &h["peers"][0];
+            p["state"] == "catching_up" && p["full_rebuild"] == false
+        })
+    })?;
+    let total = s1.volume_health("vol-u")?["peers"][0]["copy_total"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        total <= 32 - 12 + 1,
+        "resumed with {total} regions left after {done_before} copied"
+    );
+    wait_until("s2 in sync", T, || {
+        si.fake
+            .info(SITE, "vol-u")
+            .unwrap()
+            .server("s2")
+            .unwrap()
+            .in_sync
+    })?;
+    flush(&w)?;
+    files_equal_blocks(
+        &s1.data_file("vol-u"),
+        &s2.data_file("vol-u"),
+        0..(32 * MIB / BS),
+    )?;
+    Ok(())
+}
