@@ -1,9 +1,9 @@
 //! Everything the replicator needs from the authority, behind one trait.
 //!
 //! The methods and errors mirror the tier-2 part of the authority contract
-//! (`notes/authority-contract.md`): the real client (`authority::client::AuthorityClient`)
-//! or [`crate::authority_rpc::RpcAuthority`] (JSON-RPC over TCP against the contract) implement
-//! it; unit tests use [`fake::FakeAuthority`] (feature `test-support`).
+//! (`notes/authority-contract.md`). [`client::ClientAuthority`] implements it on the real
+//! authority's client (`authority::client::AuthorityClient`); unit tests of one layer use
+//! `fake::FakeAuthority` (compiled for this crate's unit tests only).
 
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -152,5 +152,6 @@ pub trait Authority: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<FailoverOutcome, AuthorityError>>;
 }
 
-#[cfg(any(test, feature = "test-support"))]
+pub mod client;
+#[cfg(test)]
 pub mod fake;

@@ -1,8 +1,8 @@
 //! `replicator serve` and `replicator client ...`: the command line (thin `main.rs` calls
 //! [`main`]).
 
+use crate::authority::client::ClientAuthority;
 use crate::authority::Authority;
-use crate::authority_rpc::RpcAuthority;
 use crate::pipeline::{IoKind, IoRequest, PipelineConfig, ReplicationPipeline};
 use crate::server::ServerConfig;
 use crate::stamp::{parse_stamp, stamp_block, Stamp};
@@ -45,9 +45,14 @@ pub struct ServeArgs {
     /// Admin HTTP address: /health, /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin: String,
-    /// Authority member addresses (JSON-RPC over TCP), comma-separated.
+    /// Authority member addresses (JSON-RPC over TCP), comma-separated; the client finds
+    /// the leader and follows redirects.
     #[arg(long, value_delimiter = ',', required = true)]
     pub authority: Vec<String>,
+    /// How long one authority call may take, retries and redirects included, before the
+    /// caller is told the authority is unavailable.
+    #[arg(long, default_value_t = 3000)]
+    pub authority_timeout_ms: u64,
     /// A volume this server holds a replica of (repeat for several).
     #[arg(long = "volume", required = true)]
     pub volumes: Vec<String>,
@@ -69,8 +74,11 @@ pub struct ServeArgs {
 
 #[derive(Parser, Debug)]
 pub struct ClientArgs {
+    /// Authority member addresses (JSON-RPC over TCP), comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub authority: Vec<String>,
+    #[arg(long, default_value_t = 3000)]
+    pub authority_timeout_ms: u64,
     #[arg(long)]
     pub site: String,
     #[arg(long)]
@@ -145,7 +153,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.peer_retry = cfg.refresh_interval;
     cfg.drift_margin_ms = a.drift_margin_ms;
     cfg.enable_fault_injection = a.enable_fault_injection;
-    let authority: Arc<dyn Authority> = Arc::new(RpcAuthority::new(a.authority));
+    let authority: Arc<dyn Authority> = Arc::new(ClientAuthority::new(
+        a.authority,
+        Duration::from_millis(a.authority_timeout_ms.max(1)),
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -153,18 +164,25 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn client(a: ClientArgs) -> anyhow::Result<()> {
-    let authority: Arc<dyn Authority> = Arc::new(RpcAuthority::new(a.authority.clone()));
+    // One client per runtime: the authority client's connections run on the runtime that
+    // opened them, and this one stops being driven once the lookup is done.
+    let authority = || -> Arc<dyn Authority> {
+        Arc::new(ClientAuthority::new(
+            a.authority.clone(),
+            Duration::from_millis(a.authority_timeout_ms.max(1)),
+        ))
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let info = rt
-        .block_on(authority.volume_get(&a.site, &a.volume))
+        .block_on(authority().volume_get(&a.site, &a.volume))
         .context("volume_get")?;
     let bs = info.block_size as u64;
     if bs < 64 {
         bail!("block size {bs} too small for stamped blocks");
     }
-    let mut pc = PipelineConfig::new(&a.site, &a.volume, authority);
+    let mut pc = PipelineConfig::new(&a.site, &a.volume, authority());
     pc.request_timeout = Duration::from_millis(a.timeout_ms);
     let p = ReplicationPipeline::start(pc)?;
     let wait = Duration::from_millis(a.timeout_ms + 1000);

@@ -2,7 +2,6 @@
 //! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
 
 pub mod authority;
-pub mod authority_rpc;
 pub mod cli;
 pub mod conn;
 pub mod frame;

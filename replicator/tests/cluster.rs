@@ -1,6 +1,7 @@
 //! Multi-process tests: real `replicator serve` processes on loopback, kill -9, restarts,
-//! a client pipeline in the test process. The authority is the JSON-RPC stand-in of
-//! `common` (see there), not the real `authority` crate.
+//! a client pipeline in the test process, against the real authority (`authority` crate's
+//! daemon, one member, in the test process; see `common`): real leases with the lease-clock
+//! waits, real `failover_request`, real `volume_set_in_sync`.
 
 mod common;
 
@@ -11,30 +12,21 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(30);
 
-fn two_server_volume(si: &StandIn, vol: &str, in_sync: &[&str]) {
-    si.fake.create_volume(
-        SITE,
-        vol,
-        64 * MIB,
-        BS as u32,
-        1000,
-        &["s1", "s2"],
-        "s1",
-        in_sync,
-    );
+fn two_server_volume(au: &TestAuthority, vol: &str) {
+    au.create_volume(vol, 64 * MIB, &["s1", "s2"]);
 }
 
 #[test]
 fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> Result<()> {
     let root = tempfile::tempdir()?;
     eprintln!("test dir {}", root.path().display());
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-a", &["s1", "s2"]);
-    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-a"], &[])?;
-    let mut s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-a"], &[])?;
-    wait_in_sync(&si, &s1, "vol-a", &["s2"])?;
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-a");
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-a"], &[])?;
+    let mut s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-a"], &[])?;
+    wait_in_sync(&au, &s1, "vol-a", &["s2"])?;
 
-    let p = pipeline(&si, "vol-a");
+    let p = pipeline(&au, "vol-a");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-a", 0..300, 1)?.len(), 300);
     // In sync: the secondary has every acknowledged write.
@@ -45,7 +37,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
             "s2 block {b}\n{}\n{}\n{:?}",
             s1.log_text(),
             s2.log_text(),
-            si.fake.info(SITE, "vol-a")
+            au.info("vol-a")
         );
     }
 
@@ -54,14 +46,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     assert_eq!(write_blocks(&w, "vol-a", 200..600, 2)?.len(), 400);
     let h = s1.volume_health("vol-a")?;
     assert_eq!(h["degraded"], true, "{h}");
-    assert!(
-        !si.fake
-            .info(SITE, "vol-a")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
-    );
+    assert!(!au.in_sync("vol-a", "s2"));
     assert!(h["peers"][0]["dirty_regions"].as_u64().unwrap() >= 1, "{h}");
 
     // Back: catch-up from the bitmap while the client keeps writing.
@@ -82,12 +67,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
         }
     });
     wait_until("s2 back in sync at the authority", T, || {
-        si.fake
-            .info(SITE, "vol-a")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
+        au.in_sync("vol-a", "s2")
     })?;
     writer.join().unwrap()?;
     let h = s1.volume_health("vol-a")?;
@@ -126,12 +106,12 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
 #[test]
 fn primary_kill9_restart_keeps_every_acknowledged_write() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-k", &["s1", "s2"]);
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-k"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-k"], &[])?;
-    wait_in_sync(&si, &s1, "vol-k", &["s2"])?;
-    let p = pipeline(&si, "vol-k");
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-k");
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-k"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-k"], &[])?;
+    wait_in_sync(&au, &s1, "vol-k", &["s2"])?;
+    let p = pipeline(&au, "vol-k");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-k", 0..500, 1)?.len(), 500);
     // kill -9 while a second round is in flight; the pipeline retries until s1 is back.
@@ -157,28 +137,20 @@ fn primary_kill9_restart_keeps_every_acknowledged_write() -> Result<()> {
 #[test]
 fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writes() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    // s2 is new: never in sync.
-    si.fake.create_volume(
-        SITE,
-        "vol-r",
-        32 * MIB,
-        BS as u32,
-        1000,
-        &["s1", "s2"],
-        "s1",
-        &["s1"],
-    );
+    let au = TestAuthority::start();
+    // s2 is listed but has never run: s1 finds it unreachable when it takes the lease and
+    // marks it out of sync at the authority; s2 then starts with no replica at all.
+    au.create_volume("vol-r", 32 * MIB, &["s1", "s2"]);
     // 32 regions of 1 MiB at 16 MiB/s: about 2 s, long enough to watch progress.
     let s1 = ServerProc::start(
         "s1",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-r"],
         &["--rebuild-rate", "16777216"],
     )?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-r"))?;
-    let p = pipeline(&si, "vol-r");
+    let p = pipeline(&au, "vol-r");
     let w = p.worker(32);
     // Written while s2 does not exist yet: the primary is degraded and acks alone.
     assert_eq!(
@@ -187,7 +159,7 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
     );
     assert_eq!(s1.volume_health("vol-r")?["degraded"], true);
 
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-r"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-r"], &[])?;
     wait_until("rebuild progress visible", T, || {
         s1.volume_health("vol-r").is_ok_and(|h| {
             let p = &h["peers"][0];
@@ -203,14 +175,7 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
         write_blocks(&w, "vol-r", (0..8192).step_by(5), 2)?.len(),
         8192_usize.div_ceil(5)
     );
-    wait_until("s2 in sync", T, || {
-        si.fake
-            .info(SITE, "vol-r")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
-    })?;
+    wait_until("s2 in sync", T, || au.in_sync("vol-r", "s2"))?;
     flush(&w)?;
     files_equal_blocks(
         &s1.data_file("vol-r"),
@@ -231,27 +196,18 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
 fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<()> {
     use replicator::frame::{self, ErrorCode, MsgKind};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    si.fake.create_volume(
-        SITE,
-        "vol-g",
-        16 * MIB,
-        BS as u32,
-        1000,
-        &["s1"],
-        "s1",
-        &["s1"],
-    );
-    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-g"], &[])?;
+    let au = TestAuthority::start();
+    au.create_volume("vol-g", 16 * MIB, &["s1"]);
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-g"], &[])?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-g"))?;
-    let p = pipeline(&si, "vol-g");
+    let p = pipeline(&au, "vol-g");
     let w = p.worker(8);
     write_blocks(&w, "vol-g", 0..10, 1)?;
 
     // A client connection that stays open through all of it and keeps working.
     let mut good = RawConn::connect(&s1.data_addr)?;
     let (g, e) = {
-        let i = si.fake.info(SITE, "vol-g").unwrap();
+        let i = au.info("vol-g");
         (i.generation, i.epoch)
     };
 
@@ -352,23 +308,22 @@ fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<
 fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Result<()> {
     use replicator::pipeline::{IoKind, IoRequest};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
+    let au = TestAuthority::start();
     for v in ["vol-x", "vol-y"] {
-        si.fake
-            .create_volume(SITE, v, 16 * MIB, BS as u32, 1000, &["s1"], "s1", &["s1"]);
+        au.create_volume(v, 16 * MIB, &["s1"]);
     }
     let s1 = ServerProc::start(
         "s1",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-x", "vol-y"],
         &["--enable-fault-injection"],
     )?;
     wait_until("s1 primary of both", T, || {
         is_primary(&s1, "vol-x") && is_primary(&s1, "vol-y")
     })?;
-    let px = pipeline(&si, "vol-x");
-    let py = pipeline(&si, "vol-y");
+    let px = pipeline(&au, "vol-x");
+    let py = pipeline(&au, "vol-y");
     let (wx, wy) = (px.worker(8), py.worker(8));
     write_blocks(&wx, "vol-x", 0..50, 1)?;
     http(
@@ -439,7 +394,7 @@ fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Resul
     )?;
     flush(&wx)?;
     // Fault injection is refused on a server that did not enable it.
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-y"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-y"], &[])?;
     assert!(http(
         &s2.admin_addr,
         "POST",
@@ -453,19 +408,20 @@ fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Resul
 fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<()> {
     use replicator::frame::{ErrorCode, MsgKind};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-f", &["s1", "s2"]);
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-f"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-f"], &[])?;
-    wait_in_sync(&si, &s1, "vol-f", &["s2"])?;
-    let p = pipeline(&si, "vol-f");
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-f");
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-f"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-f"], &[])?;
+    wait_in_sync(&au, &s1, "vol-f", &["s2"])?;
+    let p = pipeline(&au, "vol-f");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-f", 0..400, 1)?.len(), 400);
     let writer = std::thread::spawn(move || write_blocks(&w, "vol-f", 0..1500, 2).map(|a| (a, w)));
     std::thread::sleep(Duration::from_millis(30));
     s1.kill9();
-    // The stand-in plays the authority: promote the in-sync secondary.
-    let out = si.fake.do_failover(SITE, "vol-f", false).unwrap();
+    // A monitor asks the authority to fail over: it promotes the in-sync secondary, which
+    // then waits out s1's lease before the authority grants it its own.
+    let out = au.failover("vol-f", "test: primary killed")?;
     assert_eq!(out.primary, "s2");
     let (acked, w) = writer.join().unwrap()?;
     assert_eq!(acked.len(), 1500);
@@ -506,14 +462,7 @@ fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<(
     assert_eq!(error_code(&f), Some(ErrorCode::StaleEpoch));
     assert_eq!(f.header.epoch, out.epoch);
     // ...and s2 catches the returning s1 up (a full copy: s1 followed an older epoch).
-    wait_until("s1 in sync again", T, || {
-        si.fake
-            .info(SITE, "vol-f")
-            .unwrap()
-            .server("s1")
-            .unwrap()
-            .in_sync
-    })?;
+    wait_until("s1 in sync again", T, || au.in_sync("vol-f", "s1"))?;
     flush(&w)?;
     files_equal_blocks(&s1.data_file("vol-f"), &s2.data_file("vol-f"), 0..1500)?;
     Ok(())
@@ -524,17 +473,17 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
 ) -> Result<()> {
     use replicator::frame::{ErrorCode, MsgKind};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-p", &["s1", "s2"]);
-    let s1 = ServerProc::start("s1", root.path(), &si.addr_for("s1"), &["vol-p"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr_for("s2"), &["vol-p"], &[])?;
-    wait_in_sync(&si, &s1, "vol-p", &["s2"])?;
-    let p = pipeline(&si, "vol-p");
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-p");
+    let s1 = ServerProc::start("s1", root.path(), &au.addr_for("s1"), &["vol-p"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr_for("s2"), &["vol-p"], &[])?;
+    wait_in_sync(&au, &s1, "vol-p", &["s2"])?;
+    let p = pipeline(&au, "vol-p");
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-p", 0..200, 1)?.len(), 200);
 
     // Partition s1 from the authority only: the client and s2 still reach it.
-    si.cut("s1", true);
+    au.cut("s1", true);
     let writer = std::thread::spawn(move || write_blocks(&w, "vol-p", 0..1000, 2).map(|a| (a, w)));
     wait_until("s1's lease to lapse", T, || {
         s1.volume_health("vol-p")
@@ -549,9 +498,9 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
         Some(ErrorCode::LeaseExpired)
     );
 
-    let out = si.fake.do_failover(SITE, "vol-p", false).map_err(|e| {
-        anyhow::anyhow!("{e}: {:?}\n{}", si.fake.info(SITE, "vol-p"), s1.log_text())
-    })?;
+    let out = au
+        .failover("vol-p", "test: primary partitioned")
+        .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", au.info("vol-p"), s1.log_text()))?;
     assert_eq!(out.primary, "s2");
     let (acked, w) = writer.join().unwrap()?;
     assert_eq!(acked.len(), 1000);
@@ -560,14 +509,7 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
         assert_eq!((s.block, s.write_id), (b, 2), "block {b}");
     }
     // s2 catches s1 up over the data path; s1 learns it is deposed from s2's epoch.
-    wait_until("s1 caught up by s2", T, || {
-        si.fake
-            .info(SITE, "vol-p")
-            .unwrap()
-            .server("s1")
-            .unwrap()
-            .in_sync
-    })?;
+    wait_until("s1 caught up by s2", T, || au.in_sync("vol-p", "s1"))?;
     let h1 = s1.volume_health("vol-p")?;
     assert_eq!(h1["role"], "secondary", "{h1}");
     for (rid, epoch) in [(2u64, 1u64), (3, out.epoch)] {
@@ -592,12 +534,12 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
 fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Result<()> {
     use replicator::pipeline::{IoKind, IoRequest};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-o", &["s1", "s2"]);
-    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-o"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-o"], &[])?;
-    wait_in_sync(&si, &s1, "vol-o", &["s2"])?;
-    let p = pipeline(&si, "vol-o");
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-o");
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-o"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-o"], &[])?;
+    wait_in_sync(&au, &s1, "vol-o", &["s2"])?;
+    let p = pipeline(&au, "vol-o");
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let w = p.worker(16);
@@ -647,18 +589,18 @@ fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Re
 #[test]
 fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-e", &["s1", "s2"]);
-    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-e"], &[])?;
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-e");
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-e"], &[])?;
     let s2 = ServerProc::start(
         "s2",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-e"],
         &["--enable-fault-injection"],
     )?;
-    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
-    let p = pipeline(&si, "vol-e");
+    wait_in_sync(&au, &s1, "vol-e", &["s2"])?;
+    let p = pipeline(&au, "vol-e");
     let w = p.worker(16);
     write_blocks(&w, "vol-e", 0..100, 1)?;
     http(
@@ -669,21 +611,14 @@ fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> 
     // The secondary's disk fails: the primary goes on alone, nothing is refused.
     assert_eq!(write_blocks(&w, "vol-e", 50..300, 2)?.len(), 250);
     assert_eq!(s1.volume_health("vol-e")?["degraded"], true);
-    assert!(
-        !si.fake
-            .info(SITE, "vol-e")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
-    );
+    assert!(!au.in_sync("vol-e", "s2"));
     assert!(s2.volume_health("vol-e")?["disk_errors"].as_u64().unwrap() >= 1);
     http(
         &s2.admin_addr,
         "POST",
         "/fault?volume=vol-e&op=write&errno=0",
     )?;
-    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
+    wait_in_sync(&au, &s1, "vol-e", &["s2"])?;
     flush(&w)?;
     files_equal_blocks(&s1.data_file("vol-e"), &s2.data_file("vol-e"), 0..400)?;
     for b in 0..300 {
@@ -702,20 +637,13 @@ fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> 
         "/fault?volume=vol-e&op=sync&errno=5",
     )?;
     flush(&w)?;
-    assert!(
-        !si.fake
-            .info(SITE, "vol-e")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
-    );
+    assert!(!au.in_sync("vol-e", "s2"));
     http(
         &s2.admin_addr,
         "POST",
         "/fault?volume=vol-e&op=sync&errno=0",
     )?;
-    wait_in_sync(&si, &s1, "vol-e", &["s2"])?;
+    wait_in_sync(&au, &s1, "vol-e", &["s2"])?;
     // Every region was copied (the bitmap was marked whole).
     assert_eq!(s1.volume_health("vol-e")?["peers"][0]["copy_total"], 64);
     files_equal_blocks(
@@ -729,22 +657,13 @@ fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> 
 #[test]
 fn three_servers_lose_a_secondary_then_the_primary_and_end_whole() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    si.fake.create_volume(
-        SITE,
-        "vol-3",
-        16 * MIB,
-        BS as u32,
-        1000,
-        &["s1", "s2", "s3"],
-        "s1",
-        &["s1", "s2", "s3"],
-    );
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-3"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-3"], &[])?;
-    let mut s3 = ServerProc::start("s3", root.path(), &si.addr, &["vol-3"], &[])?;
-    wait_in_sync(&si, &s1, "vol-3", &["s2", "s3"])?;
-    let p = pipeline(&si, "vol-3");
+    let au = TestAuthority::start();
+    au.create_volume("vol-3", 16 * MIB, &["s1", "s2", "s3"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-3"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-3"], &[])?;
+    let mut s3 = ServerProc::start("s3", root.path(), &au.addr, &["vol-3"], &[])?;
+    wait_in_sync(&au, &s1, "vol-3", &["s2", "s3"])?;
+    let p = pipeline(&au, "vol-3");
     let w = p.worker(32);
     write_blocks(&w, "vol-3", 0..300, 1)?;
     s3.kill9();
@@ -758,16 +677,15 @@ fn three_servers_lose_a_secondary_then_the_primary_and_end_whole() -> Result<()>
             "s2 block {b}"
         );
     }
+    // s1 marked s3 out of sync at the authority before it acknowledged without it.
+    assert!(!au.in_sync("vol-3", "s3"), "{:?}", au.info("vol-3"));
     s1.kill9();
-    let out = si
-        .fake
-        .do_failover(SITE, "vol-3", false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = au.failover("vol-3", "test: primary killed")?;
     assert_eq!(out.primary, "s2", "only s2 is in sync");
     write_blocks(&w, "vol-3", 200..500, 3)?;
     s1.restart()?;
     s3.restart()?;
-    wait_in_sync(&si, &s2, "vol-3", &["s1", "s3"])?;
+    wait_in_sync(&au, &s2, "vol-3", &["s1", "s3"])?;
     flush(&w)?;
     for s in [&s1, &s3] {
         files_equal_blocks(
@@ -796,25 +714,16 @@ fn three_servers_lose_a_secondary_then_the_primary_and_end_whole() -> Result<()>
 #[test]
 fn cli_client_writes_and_verifies_stamped_blocks() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    si.fake.create_volume(
-        SITE,
-        "vol-c",
-        16 * MIB,
-        BS as u32,
-        1000,
-        &["s1"],
-        "s1",
-        &["s1"],
-    );
-    let s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-c"], &[])?;
+    let au = TestAuthority::start();
+    au.create_volume("vol-c", 16 * MIB, &["s1"]);
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-c"], &[])?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-c"))?;
     let cli = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
             .args([
                 "client",
                 "--authority",
-                &si.addr,
+                &au.addr,
                 "--site",
                 SITE,
                 "--volume",
@@ -874,11 +783,11 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
     use replicator::frame::{ErrorCode, MsgKind};
     use replicator::pipeline::{PipelineConfig, ReplicationPipeline};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-t", &["s1", "s2"]);
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-t"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-t"], &[])?;
-    wait_in_sync(&si, &s1, "vol-t", &["s2"])?;
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-t");
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-t"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-t"], &[])?;
+    wait_in_sync(&au, &s1, "vol-t", &["s2"])?;
 
     // A client with a broken link to a healthy primary asks s2: refused, nothing changes.
     let mut raw = RawConn::connect(&s2.data_addr)?;
@@ -890,20 +799,20 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
         error_code(&raw.recv()?.unwrap()),
         Some(ErrorCode::PrimaryHealthy)
     );
-    let i = si.fake.info(SITE, "vol-t").unwrap();
+    let i = au.info("vol-t");
     assert_eq!((i.primary.as_deref(), i.epoch), (Some("s1"), 1));
 
-    let mut cfg = PipelineConfig::new(SITE, "vol-t", si.client());
+    let mut cfg = PipelineConfig::new(SITE, "vol-t", au.client());
     cfg.takeover_after = Some(Duration::from_millis(300));
     let p = ReplicationPipeline::start(cfg)?;
     let w = p.worker(32);
     assert_eq!(write_blocks(&w, "vol-t", 0..300, 1)?.len(), 300);
     // The primary really dies: the client's takeover request to s2 now goes through, the
-    // (stand-in) authority promotes s2, and the client continues there. The test itself
+    // authority promotes s2, and the client continues there. The test itself
     // does not touch the authority.
     s1.kill9();
     assert_eq!(write_blocks(&w, "vol-t", 0..600, 2)?.len(), 600);
-    let i = si.fake.info(SITE, "vol-t").unwrap();
+    let i = au.info("vol-t");
     assert_eq!((i.primary.as_deref(), i.epoch), (Some("s2"), 2));
     for b in 0..600 {
         let s = replicator::stamp::parse_stamp(&read_block(&w, b)?).unwrap();
@@ -914,14 +823,7 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
     wait_until("s1 secondary", T, || {
         s1.volume_health("vol-t").is_ok_and(|h| h["epoch"] == 2)
     })?;
-    if !si
-        .fake
-        .info(SITE, "vol-t")
-        .unwrap()
-        .server("s1")
-        .unwrap()
-        .in_sync
-    {
+    if !au.in_sync("vol-t", "s1") {
         let mut raw = RawConn::connect(&s1.data_addr)?;
         raw.send(&header(MsgKind::Takeover, 2, "vol-t", 0, 0), b"test")?;
         let code = error_code(&raw.recv()?.unwrap());
@@ -939,18 +841,18 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
 #[test]
 fn writes_in_flight_when_primary_and_client_die_are_resynced_from_the_activity_log() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-l", &["s1", "s2"]);
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-l"], &[])?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-l"], &[])?;
-    wait_in_sync(&si, &s1, "vol-l", &["s2"])?;
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-l");
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-l"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-l"], &[])?;
+    wait_in_sync(&au, &s1, "vol-l", &["s2"])?;
     // A client process with many writes in flight; it and the primary die together, so the
     // unanswered writes are never retried: some reached s2 and not s1's disk, or the reverse.
     let mut client = std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
         .args([
             "client",
             "--authority",
-            &si.addr,
+            &au.addr,
             "--site",
             SITE,
             "--volume",
@@ -979,7 +881,7 @@ fn writes_in_flight_when_primary_and_client_die_are_resynced_from_the_activity_l
     let _ = client.wait();
     s1.restart()?;
     wait_until("s1 primary again", T, || is_primary(&s1, "vol-l"))?;
-    wait_in_sync(&si, &s1, "vol-l", &["s2"])?;
+    wait_in_sync(&au, &s1, "vol-l", &["s2"])?;
     assert!(
         s1.log_text().contains("activity log: resyncing"),
         "the restarted primary resynced its active regions"
@@ -996,18 +898,18 @@ fn writes_in_flight_when_primary_and_client_die_are_resynced_from_the_activity_l
 fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_log() -> Result<()> {
     use replicator::frame::MsgKind;
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-d", &["s1", "s2"]);
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-d");
     let mut s1 = ServerProc::start(
         "s1",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-d"],
         &["--enable-fault-injection"],
     )?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-d"], &[])?;
-    wait_in_sync(&si, &s1, "vol-d", &["s2"])?;
-    let p = pipeline(&si, "vol-d");
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-d"], &[])?;
+    wait_in_sync(&au, &s1, "vol-d", &["s2"])?;
+    let p = pipeline(&au, "vol-d");
     let w = p.worker(8);
     write_blocks(&w, "vol-d", 0..10, 1)?;
     // s1's disk hangs: a write reaches s2 but never s1's disk, and is never answered.
@@ -1017,7 +919,7 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
         "/fault?volume=vol-d&op=write&errno=-1",
     )?;
     let (g, e) = {
-        let i = si.fake.info(SITE, "vol-d").unwrap();
+        let i = au.info("vol-d");
         (i.generation, i.epoch)
     };
     let mut raw = RawConn::connect(&s1.data_addr)?;
@@ -1040,7 +942,7 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
     s1.kill9();
     s1.restart()?;
     wait_until("s1 primary again", T, || is_primary(&s1, "vol-d"))?;
-    wait_in_sync(&si, &s1, "vol-d", &["s2"])?;
+    wait_in_sync(&au, &s1, "vol-d", &["s2"])?;
     // The unacknowledged write is gone from s2 too: the replicas are whole again.
     assert_eq!(file_stamp(&s2.data_file("vol-d"), "vol-d", 5), Some(1));
     files_equal_blocks(
@@ -1054,23 +956,14 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
 #[test]
 fn sigterm_stops_acknowledging_and_releases_the_lease() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    si.fake.create_volume(
-        SITE,
-        "vol-s",
-        16 * MIB,
-        BS as u32,
-        5000,
-        &["s1"],
-        "s1",
-        &["s1"],
-    );
-    let mut s1 = ServerProc::start("s1", root.path(), &si.addr, &["vol-s"], &[])?;
+    let au = TestAuthority::start_with_lease(5000);
+    au.create_volume("vol-s", 16 * MIB, &["s1"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-s"], &[])?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-s"))?;
-    assert_eq!(si.fake.lease_holder(SITE, "vol-s").as_deref(), Some("s1"));
+    assert_eq!(au.lease_holder("vol-s").as_deref(), Some("s1"));
     assert!(s1.terminate(), "clean exit on SIGTERM");
     // The 5 s lease is given back at once rather than left to run out.
-    assert_eq!(si.fake.lease_holder(SITE, "vol-s"), None);
+    assert_eq!(au.lease_holder("vol-s"), None);
     assert!(s1.log_text().contains("lease released"));
     Ok(())
 }
@@ -1079,18 +972,18 @@ fn sigterm_stops_acknowledging_and_releases_the_lease() -> Result<()> {
 fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> Result<()> {
     use replicator::pipeline::{PipelineConfig, ReplicationPipeline};
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    two_server_volume(&si, "vol-h", &["s1", "s2"]);
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-h");
     let s1 = ServerProc::start(
         "s1",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-h"],
         &["--enable-fault-injection"],
     )?;
-    let s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-h"], &[])?;
-    wait_in_sync(&si, &s1, "vol-h", &["s2"])?;
-    let mut cfg = PipelineConfig::new(SITE, "vol-h", si.client());
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-h"], &[])?;
+    wait_in_sync(&au, &s1, "vol-h", &["s2"])?;
+    let mut cfg = PipelineConfig::new(SITE, "vol-h", au.client());
     cfg.takeover_after = Some(Duration::from_millis(300));
     let p = ReplicationPipeline::start(cfg)?;
     let w = p.worker(16);
@@ -1102,7 +995,7 @@ fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> R
         "/fault?volume=vol-h&op=write&errno=-1",
     )?;
     assert_eq!(write_blocks(&w, "vol-h", 0..200, 2)?.len(), 200);
-    let i = si.fake.info(SITE, "vol-h").unwrap();
+    let i = au.info("vol-h");
     assert_eq!((i.primary.as_deref(), i.epoch), (Some("s2"), 2));
     assert!(is_primary(&s2, "vol-h"));
     assert_eq!(
@@ -1120,29 +1013,21 @@ fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> R
 #[test]
 fn a_rebuild_interrupted_by_a_secondary_kill9_resumes_where_it_was() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let si = StandIn::start();
-    si.fake.create_volume(
-        SITE,
-        "vol-u",
-        32 * MIB,
-        BS as u32,
-        1000,
-        &["s1", "s2"],
-        "s1",
-        &["s1"],
-    );
+    let au = TestAuthority::start();
+    // s2 has never run (see the rebuild test above).
+    au.create_volume("vol-u", 32 * MIB, &["s1", "s2"]);
     let s1 = ServerProc::start(
         "s1",
         root.path(),
-        &si.addr,
+        &au.addr,
         &["vol-u"],
         &["--rebuild-rate", "16777216"],
     )?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-u"))?;
-    let p = pipeline(&si, "vol-u");
+    let p = pipeline(&au, "vol-u");
     let w = p.worker(32);
     write_blocks(&w, "vol-u", (0..8192).step_by(3), 1)?;
-    let mut s2 = ServerProc::start("s2", root.path(), &si.addr, &["vol-u"], &[])?;
+    let mut s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-u"], &[])?;
     let mut done_before = 0;
     wait_until("half the rebuild", T, || {
         s1.volume_health("vol-u").is_ok_and(|h| {
@@ -1166,14 +1051,7 @@ fn a_rebuild_interrupted_by_a_secondary_kill9_resumes_where_it_was() -> Result<(
         total <= 32 - 12 + 1,
         "resumed with {total} regions left after {done_before} copied"
     );
-    wait_until("s2 in sync", T, || {
-        si.fake
-            .info(SITE, "vol-u")
-            .unwrap()
-            .server("s2")
-            .unwrap()
-            .in_sync
-    })?;
+    wait_until("s2 in sync", T, || au.in_sync("vol-u", "s2"))?;
     flush(&w)?;
     files_equal_blocks(
         &s1.data_file("vol-u"),

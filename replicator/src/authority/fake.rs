@@ -1,5 +1,6 @@
-//! An in-process authority with the contract's tier-2 semantics, for tests only (feature
-//! `test-support`). It is not a product: there is no Raft, no persistence, no daemon.
+//! An in-process authority with the contract's tier-2 semantics, for unit tests of one layer
+//! (the pipeline's) only. It is not a product: there is no Raft, no persistence, no daemon;
+//! every multi-process test runs against the real authority instead.
 //!
 //! Semantics kept: a lease is granted only to the designated primary and only once the
 //! previous holder's lease has run out; the epoch is bumped when the holder changes (a new

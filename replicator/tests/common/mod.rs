@@ -1,16 +1,21 @@
 //! Harness for the multi-process tests: real `replicator` processes on loopback, a client
-//! pipeline in the test process, and a JSON-RPC stand-in for the authority.
+//! pipeline in the test process, and the real authority.
 //!
-//! The stand-in serves the authority contract (newline-delimited JSON-RPC 2.0) from the
-//! library's `FakeAuthority` (feature `test-support`), so the servers talk to it through the
-//! same `RpcAuthority` they will use against the real authority. It is test scaffolding,
-//! not a product; when the `authority` crate lands, these tests should start it instead.
+//! The authority is the `authority` crate's daemon (`authority::daemon::Daemon`: its openraft
+//! groups, file log with fsync, JSON-RPC server), one member, run in the test process on its
+//! own tokio runtime with its data directory under a tempdir and loopback ports picked free.
+//! The servers reach it over TCP through `ClientAuthority` (the real `AuthorityClient`), as
+//! in production. Only the partition fault injector is test scaffolding: a TCP relay per
+//! server in front of the authority's port that can be cut ([`TestAuthority::cut`]).
 #![allow(dead_code)]
 
 use anyhow::{bail, Context, Result};
-use replicator::authority::fake::FakeAuthority;
-use replicator::authority::{Authority, AuthorityError};
-use replicator::authority_rpc::{error_object, RpcAuthority};
+use authority::api::{FailoverReply, VolumeInfo};
+use authority::client::{AuthorityClient, ClientOptions};
+use authority::config::AuthorityConfig;
+use authority::daemon::Daemon;
+use replicator::authority::client::ClientAuthority;
+use replicator::authority::Authority;
 use replicator::pipeline::{
     IoKind, IoRequest, PipelineConfig, PipelineWorker, ReplicationPipeline,
 };
@@ -20,182 +25,226 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 pub const SITE: &str = "site-a";
 pub const BS: u64 = 4096;
+/// The authority's lease in these tests: short, so failovers wait out little.
+pub const LEASE_MS: u64 = 1000;
+/// The authority's drift margin (its default, 200 ms, would also do; the holder's own margin
+/// is the replicator's `--drift-margin-ms`).
+pub const AUTHORITY_DRIFT_MS: u64 = 100;
 
-pub struct StandIn {
-    pub fake: Arc<FakeAuthority>,
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real authority (one member hosting the global group and `SITE`'s group).
+pub struct TestAuthority {
+    /// Its JSON-RPC address.
     pub addr: String,
-    ports: Mutex<HashMap<String, (String, Arc<AtomicBool>)>>,
-    _rt: tokio::runtime::Runtime,
+    /// The test's own client, for setting up volumes and looking at the authority's state.
+    client: AuthorityClient,
+    daemon: Option<Daemon>,
+    relays: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
 }
 
-fn dispatch(fake: &FakeAuthority, method: &str, p: &Value) -> Result<Value, AuthorityError> {
-    let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    let u = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let b = |k: &str| p.get(k).and_then(Value::as_bool).unwrap_or(false);
-    let v = match method {
-        "server_register" => {
-            fake.do_register(
-                &s("site"),
-                &s("server_id"),
-                &s("data_addr"),
-                &s("admin_addr"),
-            );
-            json!({})
-        }
-        "server_heartbeat" => {
-            fake.do_heartbeat(
-                &s("site"),
-                &s("server_id"),
-                p.get("health").cloned().unwrap_or(Value::Null),
-            );
-            json!({})
-        }
-        "volume_get" => {
-            serde_json::to_value(fake.do_volume_get(&s("site"), &s("volume"))?).unwrap()
-        }
-        "lease_acquire" => serde_json::to_value(fake.do_lease_acquire(
-            &s("site"),
-            &s("volume"),
-            &s("server_id"),
-        )?)
-        .unwrap(),
-        "lease_renew" => serde_json::to_value(fake.do_lease_renew(
-            &s("site"),
-            &s("volume"),
-            &s("server_id"),
-            u("epoch"),
-        )?)
-        .unwrap(),
-        "lease_release" => {
-            fake.do_lease_release(&s("site"), &s("volume"), &s("server_id"), u("epoch"))?;
-            json!({})
-        }
-        "volume_set_in_sync" => serde_json::to_value(fake.do_set_in_sync(
-            &s("site"),
-            &s("volume"),
-            &s("server_id"),
-            b("in_sync"),
-            u("epoch"),
-        )?)
-        .unwrap(),
-        "failover_request" => {
-            serde_json::to_value(fake.do_failover(&s("site"), &s("volume"), b("force"))?).unwrap()
-        }
-        _ => {
-            return Err(AuthorityError::Other {
-                code: -32601,
-                message: "method not found".into(),
-            })
-        }
-    };
-    Ok(v)
-}
-
-async fn serve_listener(
-    listener: tokio::net::TcpListener,
-    f: Arc<FakeAuthority>,
-    cut: Arc<AtomicBool>,
-) {
-    loop {
-        let Ok((s, _)) = listener.accept().await else {
-            continue;
-        };
-        let f = f.clone();
-        let cut = cut.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = s.into_split();
-            let mut lines = tokio::io::BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if cut.load(Ordering::SeqCst) {
-                    // Partitioned: the request is dropped and the connection closed.
-                    return;
-                }
-                let resp = match serde_json::from_str::<Value>(&line) {
-                    Ok(req) => {
-                        let id = req.get("id").cloned().unwrap_or(Value::Null);
-                        let m = req.get("method").and_then(Value::as_str).unwrap_or("");
-                        let p = req.get("params").cloned().unwrap_or(Value::Null);
-                        match dispatch(&f, m, &p) {
-                            Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
-                            Err(e) => {
-                                json!({"jsonrpc": "2.0", "id": id, "error": error_object(&e)})
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": "parse error"}})
-                    }
-                };
-                let mut out = serde_json::to_vec(&resp).unwrap();
-                out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-}
-
-impl StandIn {
+impl TestAuthority {
     pub fn start() -> Self {
-        let fake = Arc::new(FakeAuthority::new());
+        Self::start_with_lease(LEASE_MS)
+    }
+
+    pub fn start_with_lease(lease_ms: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
+            .thread_name("authority")
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        rt.spawn(serve_listener(
-            listener,
-            fake.clone(),
-            Arc::new(AtomicBool::new(false)),
-        ));
-        Self {
-            fake,
-            addr,
-            ports: Mutex::new(HashMap::new()),
-            _rt: rt,
+        // The free ports are picked by binding and closing; another process may take one in
+        // between, so a failed start is retried with new ports (and a fresh data directory).
+        let mut last = None;
+        for attempt in 0..5 {
+            let config = AuthorityConfig {
+                node_id: 1,
+                data_dir: dir.path().join(format!("authority-{attempt}")),
+                rpc_addr: format!("127.0.0.1:{}", free_port()),
+                raft_addr: format!("127.0.0.1:{}", free_port()),
+                unix_socket: None,
+                sites: vec![SITE.into()],
+                members: Vec::new(),
+                lease_ms,
+                drift_margin_ms: AUTHORITY_DRIFT_MS,
+                heartbeat_ms: 50,
+                election_timeout_min_ms: 200,
+                election_timeout_max_ms: 400,
+                ..AuthorityConfig::default()
+            };
+            let addr = config.rpc_addr.clone();
+            match rt.block_on(Daemon::start(config)) {
+                Ok(daemon) => {
+                    let client = AuthorityClient::with_options(
+                        vec![addr.clone()],
+                        ClientOptions {
+                            deadline: Duration::from_secs(15),
+                            attempt_timeout: Duration::from_secs(3),
+                            ..ClientOptions::default()
+                        },
+                    );
+                    let a = Self {
+                        addr,
+                        client,
+                        daemon: Some(daemon),
+                        relays: Mutex::new(HashMap::new()),
+                        rt,
+                        _dir: dir,
+                    };
+                    // Answered once the site group has elected its (only) member leader.
+                    a.rt.block_on(a.client.call("server_list", json!({"site": SITE})))
+                        .expect("the authority's site group elects a leader");
+                    return a;
+                }
+                Err(e) => last = Some(e),
+            }
         }
+        panic!("authority did not start: {:?}", last);
     }
 
-    /// A separate address of the same authority for one server, so that server alone can be
-    /// cut off from it ([`StandIn::cut`]): the partition fault injector of these tests.
+    /// Creates a volume of `servers` (the first is its primary, at epoch 1; all in sync, as
+    /// the authority makes every new volume). A listed server that has not registered yet is
+    /// registered without addresses, as an operator's inventory would list it; it registers
+    /// its real addresses itself when it starts.
+    pub fn create_volume(&self, vol: &str, size_bytes: u64, servers: &[&str]) {
+        self.rt.block_on(async {
+            let known: Vec<String> = self
+                .client
+                .call("server_list", json!({"site": SITE}))
+                .await
+                .expect("server_list")
+                .as_array()
+                .expect("a list")
+                .iter()
+                .filter_map(|s| s["server_id"].as_str().map(str::to_owned))
+                .collect();
+            for s in servers {
+                if !known.iter().any(|k| k == s) {
+                    self.client
+                        .server_register(SITE, s, "", "")
+                        .await
+                        .expect("server_register");
+                }
+            }
+            self.client
+                .volume_create(
+                    SITE,
+                    vol,
+                    &format!("dev-{vol}"),
+                    size_bytes,
+                    BS as u32,
+                    servers,
+                )
+                .await
+                .expect("volume_create");
+        })
+    }
+
+    /// The volume as the authority has it now (a linearizable read).
+    pub fn info(&self, vol: &str) -> VolumeInfo {
+        self.rt
+            .block_on(self.client.volume_get(SITE, vol))
+            .expect("volume_get")
+    }
+
+    pub fn in_sync(&self, vol: &str, server: &str) -> bool {
+        self.info(vol)
+            .servers
+            .iter()
+            .any(|s| s.server_id == server && s.in_sync)
+    }
+
+    /// The server the authority has recorded as holding the volume's lease.
+    pub fn lease_holder(&self, vol: &str) -> Option<String> {
+        self.info(vol).lease_holder.map(|h| h.server_id)
+    }
+
+    /// `failover_request` (not forced), as a monitor or operator would send it.
+    pub fn failover(&self, vol: &str, reason: &str) -> Result<FailoverReply> {
+        self.rt
+            .block_on(self.client.failover_request(SITE, vol, reason, false))
+            .map_err(|e| anyhow::anyhow!("failover_request: {e}"))
+    }
+
+    /// A separate address in front of the authority for one server, so that server alone can
+    /// be cut off from it ([`TestAuthority::cut`]): the partition fault injector of these tests.
     pub fn addr_for(&self, who: &str) -> String {
-        let mut ports = self.ports.lock().unwrap();
-        if let Some((a, _)) = ports.get(who) {
+        let mut relays = self.relays.lock().unwrap();
+        if let Some((a, _)) = relays.get(who) {
             return a.clone();
         }
         let listener = self
-            ._rt
+            .rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        self._rt
-            .spawn(serve_listener(listener, self.fake.clone(), cut.clone()));
-        ports.insert(who.to_owned(), (addr.clone(), cut));
+        let (tx, rx) = watch::channel(false);
+        self.rt.spawn(relay(listener, self.addr.clone(), rx));
+        relays.insert(who.to_owned(), (addr.clone(), tx));
         addr
     }
 
-    /// Cuts (or heals) `who`'s path to the authority; its other links are untouched.
+    /// Cuts (or heals) `who`'s path to the authority: its open connections are closed and new
+    /// ones refused while cut; its other links are untouched.
     pub fn cut(&self, who: &str, cut: bool) {
-        self.ports.lock().unwrap()[who]
-            .1
-            .store(cut, Ordering::SeqCst);
+        self.relays.lock().unwrap()[who].1.send_replace(cut);
     }
 
+    /// A replicator-side client of this authority (for a pipeline in the test process).
     pub fn client(&self) -> Arc<dyn Authority> {
-        Arc::new(RpcAuthority::new(vec![self.addr.clone()]))
+        Arc::new(ClientAuthority::new(
+            vec![self.addr.clone()],
+            Duration::from_secs(3),
+        ))
+    }
+}
+
+impl Drop for TestAuthority {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            self.rt.block_on(d.shutdown());
+        }
+    }
+}
+
+/// Relays connections to `upstream` byte for byte until `cut` says otherwise.
+async fn relay(listener: tokio::net::TcpListener, upstream: String, cut: watch::Receiver<bool>) {
+    loop {
+        let Ok((mut down, _)) = listener.accept().await else {
+            continue;
+        };
+        if *cut.borrow() {
+            // Partitioned: the connection is closed before anything gets through.
+            continue;
+        }
+        let mut cut = cut.clone();
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                _ = cut.wait_for(|c| *c) => {}
+            }
+        });
     }
 }
 
@@ -401,22 +450,21 @@ pub fn in_sync_peers(s: &ServerProc, vol: &str) -> Vec<String> {
 
 /// Waits until `primary` serves `vol` with exactly `peers` in sync, locally and at the
 /// authority.
-pub fn wait_in_sync(si: &StandIn, primary: &ServerProc, vol: &str, peers: &[&str]) -> Result<()> {
+pub fn wait_in_sync(
+    au: &TestAuthority,
+    primary: &ServerProc,
+    vol: &str,
+    peers: &[&str],
+) -> Result<()> {
     wait_until(
         "primary with its peers in sync",
         Duration::from_secs(30),
-        || {
-            in_sync_peers(primary, vol) == peers
-                && si
-                    .fake
-                    .info(SITE, vol)
-                    .is_some_and(|i| peers.iter().all(|p| i.server(p).is_some_and(|s| s.in_sync)))
-        },
+        || in_sync_peers(primary, vol) == peers && peers.iter().all(|p| au.in_sync(vol, p)),
     )
 }
 
-pub fn pipeline(stand_in: &StandIn, vol: &str) -> ReplicationPipeline {
-    let mut cfg = PipelineConfig::new(SITE, vol, stand_in.client());
+pub fn pipeline(au: &TestAuthority, vol: &str) -> ReplicationPipeline {
+    let mut cfg = PipelineConfig::new(SITE, vol, au.client());
     cfg.request_timeout = Duration::from_secs(30);
     ReplicationPipeline::start(cfg).unwrap()
 }
