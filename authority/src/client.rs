@@ -530,3 +530,58 @@ impl AuthorityClient {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_counts_from_the_send_and_ends_a_drift_margin_early() {
+        let c = AuthorityClient::with_options(
+            vec!["127.0.0.1:1".into()],
+            ClientOptions {
+                drift_margin: Duration::from_millis(200),
+                ..Default::default()
+            },
+        );
+        let sent = Instant::now() - Duration::from_millis(1900);
+        let g = c.grant(
+            sent,
+            LeaseReply {
+                epoch: 3,
+                generation: 1,
+                lease_ms: 2000,
+            },
+        );
+        assert_eq!(g.valid_until, sent + Duration::from_millis(1800));
+        // 1900 ms after sending, a 2000 ms lease with a 200 ms margin is already over:
+        // a holder that heard nothing since stops by itself.
+        assert!(!g.is_valid());
+        let fresh = c.grant(
+            Instant::now(),
+            LeaseReply {
+                epoch: 3,
+                generation: 1,
+                lease_ms: 2000,
+            },
+        );
+        assert!(fresh.is_valid());
+    }
+
+    #[test]
+    fn calls_are_routed_to_their_group() {
+        assert_eq!(group_key("lease_renew", &json!({"site": "a"})), "site:a");
+        assert_eq!(
+            group_key("device_lease_acquire", &json!({"site": "a"})),
+            "global"
+        );
+        assert_eq!(
+            group_key("cluster_status", &json!({"group": "global"})),
+            "global"
+        );
+        assert_eq!(
+            group_key("cluster_status", &json!({"group": "b"})),
+            "site:b"
+        );
+    }
+}

@@ -319,6 +319,9 @@ async fn read_rounds(
 ) {
     while let Some(first) = rx.recv().await {
         let mut waiting = vec![first];
+        // Let the requests already being parsed on other tasks join this round: a round
+        // costs a trip through openraft's core (and a quorum round trip with peers).
+        tokio::task::yield_now().await;
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }

@@ -70,6 +70,7 @@ impl Host {
             drift_margin: Duration::from_millis(config.drift_margin_ms),
         };
         let table: GroupTable = Arc::new(RwLock::new(HashMap::new()));
+        let pool = network::ConnPool::default();
         let mut groups = BTreeMap::new();
         let ids =
             std::iter::once(GroupId::Global).chain(config.sites.iter().cloned().map(GroupId::Site));
@@ -82,7 +83,10 @@ impl Host {
             let raft = Raft::new(
                 config.node_id,
                 raft_config.clone(),
-                GroupNetwork { group: id.clone() },
+                GroupNetwork {
+                    group: id.clone(),
+                    pool: pool.clone(),
+                },
                 log.clone(),
                 sm,
             )

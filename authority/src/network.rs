@@ -136,10 +136,40 @@ async fn serve_conn(mut s: TcpStream, groups: GroupTable) -> std::io::Result<()>
     }
 }
 
+/// Idle connections to peers, by address, shared by every group of the process. openraft
+/// makes a new network client for each leadership check (each batched read round), so without
+/// reuse every round would open a TCP connection per follower.
+#[derive(Clone, Default)]
+pub struct ConnPool {
+    idle: Arc<std::sync::Mutex<HashMap<String, Vec<TcpStream>>>>,
+}
+
+/// Idle connections kept per peer address.
+const IDLE_PER_PEER: usize = 16;
+
+impl ConnPool {
+    fn take(&self, addr: &str) -> Option<TcpStream> {
+        self.idle
+            .lock()
+            .expect("pool")
+            .get_mut(addr)
+            .and_then(Vec::pop)
+    }
+
+    fn put(&self, addr: &str, s: TcpStream) {
+        let mut idle = self.idle.lock().expect("pool");
+        let v = idle.entry(addr.to_string()).or_default();
+        if v.len() < IDLE_PER_PEER {
+            v.push(s);
+        }
+    }
+}
+
 /// Makes the connections of one group to its peers.
 #[derive(Clone)]
 pub struct GroupNetwork {
     pub group: GroupId,
+    pub pool: ConnPool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
@@ -151,6 +181,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
             target,
             addr: node.raft_addr.clone(),
             conn: None,
+            pool: self.pool.clone(),
         }
     }
 }
@@ -161,6 +192,16 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     conn: Option<TcpStream>,
+    pool: ConnPool,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        // Only a connection whose last exchange completed goes back (others were dropped).
+        if let Some(s) = self.conn.take() {
+            self.pool.put(&self.addr, s);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,14 +226,36 @@ impl PeerConnection {
             )))));
         }
         let res = tokio::time::timeout(ttl, async {
-            if self.conn.is_none() {
-                let s = TcpStream::connect(&self.addr).await?;
-                s.set_nodelay(true)?;
-                self.conn = Some(s);
+            // A pooled connection may have died with its peer (restart): then try once more
+            // on a fresh one. Raft messages may be delivered twice.
+            for attempt in 0..2 {
+                let mut fresh = false;
+                if self.conn.is_none() {
+                    self.conn = if attempt == 0 {
+                        self.pool.take(&self.addr)
+                    } else {
+                        None
+                    };
+                }
+                if self.conn.is_none() {
+                    let s = TcpStream::connect(&self.addr).await?;
+                    s.set_nodelay(true)?;
+                    self.conn = Some(s);
+                    fresh = true;
+                }
+                let s = self.conn.as_mut().expect("connected above");
+                let r = async {
+                    write_frame(s, &payload).await?;
+                    read_frame(s).await
+                }
+                .await;
+                match r {
+                    Ok(b) => return Ok(b),
+                    Err(e) if fresh || attempt == 1 => return Err(e),
+                    Err(_) => self.conn = None,
+                }
             }
-            let s = self.conn.as_mut().expect("connected above");
-            write_frame(s, &payload).await?;
-            read_frame(s).await
+            unreachable!("the second attempt returns")
         })
         .await;
         let buf = match res {
