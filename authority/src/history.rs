@@ -1,8 +1,9 @@
 //! A safety checker over a recorded history of lease grants.
 //!
 //! Each successful acquire or renew is recorded with the holder's view of its validity: from
-//! the moment the request was sent until the lease minus the drift margin, on the recording
-//! process's monotonic clock (all clients of a test share one clock, so it is real time).
+//! the moment the answer arrived (it cannot act before) until the lease minus the drift margin
+//! counted from the moment the request was sent, on the recording process's monotonic clock
+//! (all clients of a test share one clock, so it is real time).
 //! The checker proves: no two different holders of one volume's lease are valid at the same
 //! instant; the epochs of successive holders strictly increase; and, given the epochs the
 //! authority reports at the end, every granted epoch survived (none is newer than what the

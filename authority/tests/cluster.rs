@@ -46,7 +46,9 @@ async fn server_loop(
                     volume: volume.clone(),
                     server_id: server.clone(),
                     epoch: g.epoch,
-                    valid_from: g.sent_at,
+                    // A holder can act only once it has the answer, and only until its own
+                    // deadline counted from the send.
+                    valid_from: std::time::Instant::now(),
                     valid_until: g.valid_until,
                 });
                 if held.is_some() {

@@ -99,7 +99,7 @@ async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives
     let t = std::time::Instant::now();
     let b_lease = loop {
         match c.device_lease_acquire("dev0", "site-b").await {
-            Ok(g) => break g,
+            Ok(g) => break (g, std::time::Instant::now()),
             Err(AuthError::LeaseHeld {
                 holder,
                 retry_after_ms,
@@ -111,9 +111,10 @@ async fn promotion_moves_the_device_to_the_other_site_in_both_tiers_and_survives
         }
         assert!(t.elapsed() < Duration::from_secs(10));
     };
+    let (b_lease, b_granted_at) = b_lease;
     assert_eq!(b_lease.generation, 2);
     assert!(
-        b_lease.sent_at >= a_lease.valid_until,
+        b_granted_at >= a_lease.valid_until,
         "the new authoritative volume was granted while the old one could still act"
     );
     // The promoted volume's primary gets leases under the new generation.
