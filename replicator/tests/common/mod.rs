@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use authority::api::{FailoverReply, VolumeInfo};
 use authority::client::{AuthorityClient, ClientOptions};
-use authority::config::AuthorityConfig;
+use authority::config::{AuthorityConfig, MemberConfig};
 use authority::daemon::Daemon;
 use replicator::authority::client::ClientAuthority;
 use replicator::authority::Authority;
@@ -45,13 +45,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A real authority (one member hosting the global group and `SITE`'s group).
+/// A real authority: one member (or several) hosting the global group and `SITE`'s group.
 pub struct TestAuthority {
-    /// Its JSON-RPC address.
+    /// The members' JSON-RPC addresses, comma-separated (as `--authority` takes them).
     pub addr: String,
+    pub addrs: Vec<String>,
     /// The test's own client, for setting up volumes and looking at the authority's state.
     client: AuthorityClient,
-    daemon: Option<Daemon>,
+    daemons: Vec<Option<Daemon>>,
     relays: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
@@ -63,6 +64,11 @@ impl TestAuthority {
     }
 
     pub fn start_with_lease(lease_ms: u64) -> Self {
+        Self::start_members(1, lease_ms)
+    }
+
+    /// `n` members on loopback, every group replicated on all of them.
+    pub fn start_members(n: u64, lease_ms: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -71,52 +77,86 @@ impl TestAuthority {
             .build()
             .unwrap();
         // The free ports are picked by binding and closing; another process may take one in
-        // between, so a failed start is retried with new ports (and a fresh data directory).
+        // between, so a failed start is retried with new ports (and fresh data directories).
         let mut last = None;
-        for attempt in 0..5 {
-            let config = AuthorityConfig {
-                node_id: 1,
-                data_dir: dir.path().join(format!("authority-{attempt}")),
-                rpc_addr: format!("127.0.0.1:{}", free_port()),
-                raft_addr: format!("127.0.0.1:{}", free_port()),
-                unix_socket: None,
-                sites: vec![SITE.into()],
-                members: Vec::new(),
-                lease_ms,
-                drift_margin_ms: AUTHORITY_DRIFT_MS,
-                heartbeat_ms: 50,
-                election_timeout_min_ms: 200,
-                election_timeout_max_ms: 400,
-                ..AuthorityConfig::default()
-            };
-            let addr = config.rpc_addr.clone();
-            match rt.block_on(Daemon::start(config)) {
-                Ok(daemon) => {
-                    let client = AuthorityClient::with_options(
-                        vec![addr.clone()],
-                        ClientOptions {
-                            deadline: Duration::from_secs(15),
-                            attempt_timeout: Duration::from_secs(3),
-                            ..ClientOptions::default()
-                        },
-                    );
-                    let a = Self {
-                        addr,
-                        client,
-                        daemon: Some(daemon),
-                        relays: Mutex::new(HashMap::new()),
-                        rt,
-                        _dir: dir,
-                    };
-                    // Answered once the site group has elected its (only) member leader.
-                    a.rt.block_on(a.client.call("server_list", json!({"site": SITE})))
-                        .expect("the authority's site group elects a leader");
-                    return a;
+        'attempt: for attempt in 0..5 {
+            let members: Vec<MemberConfig> = (1..=n)
+                .map(|id| MemberConfig {
+                    id,
+                    raft_addr: format!("127.0.0.1:{}", free_port()),
+                    rpc_addr: format!("127.0.0.1:{}", free_port()),
+                })
+                .collect();
+            let mut daemons = Vec::new();
+            for m in &members {
+                let config = AuthorityConfig {
+                    node_id: m.id,
+                    data_dir: dir.path().join(format!("attempt-{attempt}-m{}", m.id)),
+                    rpc_addr: m.rpc_addr.clone(),
+                    raft_addr: m.raft_addr.clone(),
+                    unix_socket: None,
+                    sites: vec![SITE.into()],
+                    members: if n == 1 { Vec::new() } else { members.clone() },
+                    lease_ms,
+                    drift_margin_ms: AUTHORITY_DRIFT_MS,
+                    heartbeat_ms: 50,
+                    election_timeout_min_ms: 200,
+                    election_timeout_max_ms: 400,
+                    ..AuthorityConfig::default()
+                };
+                match rt.block_on(Daemon::start(config)) {
+                    Ok(d) => daemons.push(Some(d)),
+                    Err(e) => {
+                        for d in daemons.into_iter().flatten() {
+                            rt.block_on(d.shutdown());
+                        }
+                        last = Some(e);
+                        continue 'attempt;
+                    }
                 }
-                Err(e) => last = Some(e),
             }
+            let addrs: Vec<String> = members.iter().map(|m| m.rpc_addr.clone()).collect();
+            let client = AuthorityClient::with_options(
+                addrs.clone(),
+                ClientOptions {
+                    deadline: Duration::from_secs(15),
+                    attempt_timeout: Duration::from_secs(3),
+                    ..ClientOptions::default()
+                },
+            );
+            let a = Self {
+                addr: addrs.join(","),
+                addrs,
+                client,
+                daemons,
+                relays: Mutex::new(HashMap::new()),
+                rt,
+                _dir: dir,
+            };
+            // Answered once the site group has elected a leader.
+            a.rt.block_on(a.client.call("server_list", json!({"site": SITE})))
+                .expect("the authority's site group elects a leader");
+            return a;
         }
         panic!("authority did not start: {:?}", last);
+    }
+
+    /// The index of the member that leads `SITE`'s group now, if one does.
+    pub fn site_leader(&self) -> Option<usize> {
+        self.daemons.iter().position(|d| {
+            d.as_ref().is_some_and(|d| {
+                let g = d.host.site(SITE).expect("site group");
+                let m = g.raft.metrics().borrow().clone();
+                m.current_leader == Some(g.node_id) && m.state.is_leader()
+            })
+        })
+    }
+
+    /// Stops member `i` (its Raft groups and its JSON-RPC port): the others elect a new leader.
+    pub fn stop_member(&mut self, i: usize) {
+        if let Some(d) = self.daemons[i].take() {
+            self.rt.block_on(d.shutdown());
+        }
     }
 
     /// Creates a volume of `servers` (the first is its primary, at epoch 1; all in sync, as
@@ -184,7 +224,8 @@ impl TestAuthority {
     }
 
     /// A separate address in front of the authority for one server, so that server alone can
-    /// be cut off from it ([`TestAuthority::cut`]): the partition fault injector of these tests.
+    /// be cut off from it ([`TestAuthority::cut`]): the partition fault injector of these tests
+    /// (in front of the first member; meant for a one-member authority).
     pub fn addr_for(&self, who: &str) -> String {
         let mut relays = self.relays.lock().unwrap();
         if let Some((a, _)) = relays.get(who) {
@@ -196,7 +237,7 @@ impl TestAuthority {
             .unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = watch::channel(false);
-        self.rt.spawn(relay(listener, self.addr.clone(), rx));
+        self.rt.spawn(relay(listener, self.addrs[0].clone(), rx));
         relays.insert(who.to_owned(), (addr.clone(), tx));
         addr
     }
@@ -210,7 +251,7 @@ impl TestAuthority {
     /// A replicator-side client of this authority (for a pipeline in the test process).
     pub fn client(&self) -> Arc<dyn Authority> {
         Arc::new(ClientAuthority::new(
-            vec![self.addr.clone()],
+            self.addrs.clone(),
             Duration::from_secs(3),
         ))
     }
@@ -218,7 +259,7 @@ impl TestAuthority {
 
 impl Drop for TestAuthority {
     fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
+        for d in self.daemons.iter_mut().filter_map(Option::take) {
             self.rt.block_on(d.shutdown());
         }
     }
