@@ -269,6 +269,8 @@ impl Drop for TestAuthority {
 async fn relay(listener: tokio::net::TcpListener, upstream: String, cut: watch::Receiver<bool>) {
     loop {
         let Ok((mut down, _)) = listener.accept().await else {
+            // Out of descriptors or similar: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         if *cut.borrow() {
