@@ -1,0 +1,294 @@
+//! `replicator serve` and `replicator client ...`: the command line (thin `main.rs` calls
+//! [`main`]).
+
+use crate::authority::client::ClientAuthority;
+use crate::authority::Authority;
+use crate::pipeline::{IoKind, IoRequest, PipelineConfig, ReplicationPipeline};
+use crate::server::ServerConfig;
+use crate::stamp::{parse_stamp, stamp_block, Stamp};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "replicator",
+    about = "Tandem storage server and replication client"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run a storage server.
+    Serve(ServeArgs),
+    /// Talk to a volume's primary through the replication pipeline.
+    Client(ClientArgs),
+}
+
+#[derive(Parser, Debug)]
+pub struct ServeArgs {
+    /// This server's id at the authority (e.g. s1).
+    #[arg(long)]
+    pub id: String,
+    #[arg(long)]
+    pub site: String,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Replication-protocol address (port 0: any free port; the bound one is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Admin HTTP address: /health, /metrics.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin: String,
+    /// Authority member addresses (JSON-RPC over TCP), comma-separated; the client finds
+    /// the leader and follows redirects.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub authority: Vec<String>,
+    /// How long one authority call may take, retries and redirects included, before the
+    /// caller is told the authority is unavailable.
+    #[arg(long, default_value_t = 3000)]
+    pub authority_timeout_ms: u64,
+    /// A volume this server holds a replica of (repeat for several).
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub replicate_timeout_ms: u64,
+    #[arg(long, default_value_t = 1 << 20)]
+    pub region_size: u64,
+    /// Catch-up/rebuild copy rate limit, bytes per second (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rebuild_rate: u64,
+    #[arg(long, default_value_t = 200)]
+    pub refresh_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    pub drift_margin_ms: u64,
+    /// Allow POST /fault on the admin port (tests only).
+    #[arg(long)]
+    pub enable_fault_injection: bool,
+}
+
+#[derive(Parser, Debug)]
+pub struct ClientArgs {
+    /// Authority member addresses (JSON-RPC over TCP), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub authority: Vec<String>,
+    #[arg(long, default_value_t = 3000)]
+    pub authority_timeout_ms: u64,
+    #[arg(long)]
+    pub site: String,
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    #[command(subcommand)]
+    pub op: ClientOp,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientOp {
+    /// Write stamped blocks `start..start+count` with `write_id`.
+    Write {
+        #[arg(long)]
+        start: u64,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        write_id: u64,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 32)]
+        depth: usize,
+        /// FLUSH after the writes.
+        #[arg(long)]
+        flush: bool,
+    },
+    /// Read blocks and print each one's stamp.
+    Read {
+        #[arg(long)]
+        start: u64,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Check that blocks carry their own stamp (and `write_id`, if given).
+    Verify {
+        #[arg(long)]
+        start: u64,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        write_id: Option<u64>,
+    },
+}
+
+pub fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Client(a) => client(a),
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = ServerConfig::new(&a.id, &a.site, a.data_dir);
+    cfg.listen = a.listen.parse().context("--listen")?;
+    cfg.admin = a.admin.parse().context("--admin")?;
+    cfg.volumes = a.volumes;
+    cfg.replicate_timeout = Duration::from_millis(a.replicate_timeout_ms);
+    if a.region_size == 0 {
+        bail!("--region-size must be > 0");
+    }
+    cfg.region_size = a.region_size;
+    cfg.rebuild_rate_bytes = a.rebuild_rate;
+    cfg.refresh_interval = Duration::from_millis(a.refresh_ms.max(1));
+    cfg.peer_retry = cfg.refresh_interval;
+    cfg.drift_margin_ms = a.drift_margin_ms;
+    cfg.enable_fault_injection = a.enable_fault_injection;
+    let authority: Arc<dyn Authority> = Arc::new(ClientAuthority::new(
+        a.authority,
+        Duration::from_millis(a.authority_timeout_ms.max(1)),
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::server::serve(cfg, authority))
+}
+
+fn client(a: ClientArgs) -> anyhow::Result<()> {
+    // One client per runtime: the authority client's connections run on the runtime that
+    // opened them, and this one stops being driven once the lookup is done.
+    let authority = || -> Arc<dyn Authority> {
+        Arc::new(ClientAuthority::new(
+            a.authority.clone(),
+            Duration::from_millis(a.authority_timeout_ms.max(1)),
+        ))
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let info = rt
+        .block_on(authority().volume_get(&a.site, &a.volume))
+        .context("volume_get")?;
+    let bs = info.block_size as u64;
+    if bs < 64 {
+        bail!("block size {bs} too small for stamped blocks");
+    }
+    let mut pc = PipelineConfig::new(&a.site, &a.volume, authority());
+    pc.request_timeout = Duration::from_millis(a.timeout_ms);
+    let p = ReplicationPipeline::start(pc)?;
+    let wait = Duration::from_millis(a.timeout_ms + 1000);
+    match a.op {
+        ClientOp::Write {
+            start,
+            count,
+            write_id,
+            depth,
+            flush,
+        } => {
+            let w = p.worker(depth.max(1));
+            let mut next = start;
+            let mut done = 0;
+            while done < count {
+                while next < start + count {
+                    let data = stamp_block(
+                        &Stamp {
+                            volume: a.volume.clone(),
+                            block: next,
+                            write_id,
+                        },
+                        bs as usize,
+                    );
+                    let req = IoRequest {
+                        tag: next,
+                        kind: IoKind::Write,
+                        offset: next * bs,
+                        len: 0,
+                        data,
+                        fua: false,
+                    };
+                    if w.submit(req).is_err() {
+                        break;
+                    }
+                    next += 1;
+                }
+                let c = w.wait(wait).context("no completion in time")?;
+                if let Err(e) = c.result {
+                    bail!("block {}: {e}", c.tag);
+                }
+                done += 1;
+            }
+            if flush {
+                w.submit(IoRequest {
+                    tag: u64::MAX,
+                    kind: IoKind::Flush,
+                    offset: 0,
+                    len: 0,
+                    data: Vec::new(),
+                    fua: false,
+                })
+                .map_err(|_| anyhow::anyhow!("queue full"))?;
+                let c = w.wait(wait).context("no flush completion")?;
+                c.result.map_err(|e| anyhow::anyhow!("flush: {e}"))?;
+            }
+            println!("wrote {count} blocks");
+        }
+        ClientOp::Read { start, count } | ClientOp::Verify { start, count, .. } => {
+            let want = match a.op {
+                ClientOp::Verify { write_id, .. } => Some(write_id),
+                _ => None,
+            };
+            let w = p.worker(1);
+            let mut bad = 0;
+            for b in start..start + count {
+                w.submit(IoRequest {
+                    tag: b,
+                    kind: IoKind::Read,
+                    offset: b * bs,
+                    len: bs as u32,
+                    data: Vec::new(),
+                    fua: false,
+                })
+                .map_err(|_| anyhow::anyhow!("queue full"))?;
+                let c = w.wait(wait).context("no completion in time")?;
+                let data = c.result.map_err(|e| anyhow::anyhow!("block {b}: {e}"))?;
+                let st = parse_stamp(&data);
+                match want {
+                    None => match st {
+                        Some(s) => println!(
+                            "block {b}: volume {} block {} write {}",
+                            s.volume, s.block, s.write_id
+                        ),
+                        None => println!("block {b}: not stamped"),
+                    },
+                    Some(wid) => {
+                        let ok = st.as_ref().is_some_and(|s| {
+                            s.volume == a.volume
+                                && s.block == b
+                                && wid.is_none_or(|w| s.write_id == w)
+                        });
+                        if !ok {
+                            bad += 1;
+                            eprintln!("block {b}: bad stamp {st:?}");
+                        }
+                    }
+                }
+            }
+            if want.is_some() {
+                if bad > 0 {
+                    bail!("{bad} of {count} blocks failed verification");
+                }
+                println!("verified {count} blocks");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Tandem's storage server (`replicator serve`) and the client side of its replication
+//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
+
+pub mod authority;
+pub mod cli;
+pub mod conn;
+pub mod frame;
+pub mod health;
+pub mod pipeline;
+pub mod server;
+pub mod stamp;
+pub mod store;
