@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -45,6 +46,9 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Per server: the relay's address, its cut switch, and how many connections it relays.
+type Relay = (String, watch::Sender<bool>, Arc<AtomicUsize>);
+
 /// A real authority: one member (or several) hosting the global group and `SITE`'s group.
 pub struct TestAuthority {
     /// The members' JSON-RPC addresses, comma-separated (as `--authority` takes them).
@@ -53,7 +57,7 @@ pub struct TestAuthority {
     /// The test's own client, for setting up volumes and looking at the authority's state.
     client: AuthorityClient,
     daemons: Vec<Option<Daemon>>,
-    relays: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
+    relays: Mutex<HashMap<String, Relay>>,
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
@@ -228,7 +232,7 @@ impl TestAuthority {
     /// (in front of the first member; meant for a one-member authority).
     pub fn addr_for(&self, who: &str) -> String {
         let mut relays = self.relays.lock().unwrap();
-        if let Some((a, _)) = relays.get(who) {
+        if let Some((a, _, _)) = relays.get(who) {
             return a.clone();
         }
         let listener = self
@@ -237,15 +241,30 @@ impl TestAuthority {
             .unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = watch::channel(false);
-        self.rt.spawn(relay(listener, self.addrs[0].clone(), rx));
-        relays.insert(who.to_owned(), (addr.clone(), tx));
+        let open = Arc::new(AtomicUsize::new(0));
+        self.rt
+            .spawn(relay(listener, self.addrs[0].clone(), rx, open.clone()));
+        relays.insert(who.to_owned(), (addr.clone(), tx, open));
         addr
     }
 
     /// Cuts (or heals) `who`'s path to the authority: its open connections are closed and new
     /// ones refused while cut; its other links are untouched.
+    /// Returns once a cut has closed every relayed connection.
     pub fn cut(&self, who: &str, cut: bool) {
-        self.relays.lock().unwrap()[who].1.send_replace(cut);
+        let open = {
+            let relays = self.relays.lock().unwrap();
+            relays[who].1.send_replace(cut);
+            relays[who].2.clone()
+        };
+        if cut {
+            wait_until(
+                "the relay's connections closed",
+                Duration::from_secs(10),
+                || open.load(Ordering::SeqCst) == 0,
+            )
+            .unwrap();
+        }
     }
 
     /// A replicator-side client of this authority (for a pipeline in the test process).
@@ -266,7 +285,12 @@ impl Drop for TestAuthority {
 }
 
 /// Relays connections to `upstream` byte for byte until `cut` says otherwise.
-async fn relay(listener: tokio::net::TcpListener, upstream: String, cut: watch::Receiver<bool>) {
+async fn relay(
+    listener: tokio::net::TcpListener,
+    upstream: String,
+    cut: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+) {
     loop {
         let Ok((mut down, _)) = listener.accept().await else {
             // Out of descriptors or similar: do not spin.
@@ -279,14 +303,17 @@ async fn relay(listener: tokio::net::TcpListener, upstream: String, cut: watch::
         }
         let mut cut = cut.clone();
         let upstream = upstream.clone();
+        open.fetch_add(1, Ordering::SeqCst);
+        let open = open.clone();
         tokio::spawn(async move {
-            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                _ = cut.wait_for(|c| *c) => {}
+            if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    _ = cut.wait_for(|c| *c) => {}
+                }
             }
+            drop(down);
+            open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
