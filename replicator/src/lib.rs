@@ -10,3 +10,4 @@ pub mod pipeline;
 pub mod server;
 pub mod stamp;
 pub mod store;
+pub mod volume_key;
