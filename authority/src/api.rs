@@ -35,6 +35,14 @@ pub struct VolumeInfo {
 }
 
 impl VolumeInfo {
+    pub fn server(&self, id: &str) -> Option<&VolumeServerInfo> {
+        self.servers.iter().find(|s| s.server_id == id)
+    }
+
+    pub fn primary_entry(&self) -> Option<&VolumeServerInfo> {
+        self.primary.as_deref().and_then(|p| self.server(p))
+    }
+
     /// Build from a site group's state; `None` if the volume does not exist.
     pub fn from_state(
         st: &GroupState,

@@ -12,36 +12,8 @@ use thiserror::Error;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ServerEntry {
-    pub server_id: String,
-    pub data_addr: String,
-    pub admin_addr: String,
-    pub in_sync: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeInfo {
-    pub site: String,
-    pub volume: String,
-    pub device: String,
-    pub size_bytes: u64,
-    pub block_size: u32,
-    pub epoch: u64,
-    pub generation: u64,
-    pub primary: Option<String>,
-    pub lease_ms: u64,
-    pub servers: Vec<ServerEntry>,
-}
-
-impl VolumeInfo {
-    pub fn server(&self, id: &str) -> Option<&ServerEntry> {
-        self.servers.iter().find(|s| s.server_id == id)
-    }
-    pub fn primary_entry(&self) -> Option<&ServerEntry> {
-        self.primary.as_deref().and_then(|p| self.server(p))
-    }
-}
+// The authority's own answer types: one definition for both sides of the contract.
+pub use authority::api::{VolumeInfo, VolumeServerInfo as ServerEntry};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeaseGrant {

@@ -69,30 +69,6 @@ pub fn map_error(e: AuthError) -> AuthorityError {
     }
 }
 
-fn volume_info(v: authority::api::VolumeInfo) -> VolumeInfo {
-    VolumeInfo {
-        site: v.site,
-        volume: v.volume,
-        device: v.device,
-        size_bytes: v.size_bytes,
-        block_size: v.block_size,
-        epoch: v.epoch,
-        generation: v.generation,
-        primary: v.primary,
-        lease_ms: v.lease_ms,
-        servers: v
-            .servers
-            .into_iter()
-            .map(|s| ServerEntry {
-                server_id: s.server_id,
-                data_addr: s.data_addr,
-                admin_addr: s.admin_addr,
-                in_sync: s.in_sync,
-            })
-            .collect(),
-    }
-}
-
 fn grant(g: authority::client::LeaseGrant) -> LeaseGrant {
     LeaseGrant {
         epoch: g.epoch,
@@ -140,7 +116,6 @@ impl Authority for ClientAuthority {
             self.client
                 .volume_get(site, volume)
                 .await
-                .map(volume_info)
                 .map_err(map_error)
         })
     }
@@ -203,7 +178,6 @@ impl Authority for ClientAuthority {
             self.client
                 .volume_set_in_sync(site, volume, server_id, in_sync, epoch)
                 .await
-                .map(volume_info)
                 .map_err(map_error)
         })
     }

@@ -87,6 +87,8 @@ impl FakeAuthority {
                     primary: Some(primary.to_owned()),
                     lease_ms,
                     servers: entries,
+                    lease_holder: None,
+                    intent: None,
                 },
                 lease: None,
             },
