@@ -194,6 +194,14 @@ pub struct VolumeRuntime {
     info: Mutex<VolumeInfo>,
     /// True while a new primary connects its in-sync peers (client I/O gets NotReady).
     activating: AtomicBool,
+    /// Held by each role-loop pass and by `release`, so a shutdown never races a pass that is
+    /// acquiring the lease (which would hand the lease straight back to a stopping server).
+    role_pass: tokio::sync::Mutex<()>,
+    /// Set once by `release`: no role-loop pass acts after it.
+    stopping: AtomicBool,
+    /// Held around each lease renewal, so `release` can wait out one in flight (a renewal
+    /// that reached the authority after the release would grant the lease again).
+    renewing: tokio::sync::Mutex<()>,
     /// Regions that may have replicated writes in flight (persistent; see `activity_mark`).
     activity: Arc<Mutex<DirtyBitmap>>,
     /// Writes in flight per region, from their activity mark until every peer answered.
@@ -253,6 +261,9 @@ impl VolumeRuntime {
             peers: Mutex::new(Vec::new()),
             info: Mutex::new(info),
             activating: AtomicBool::new(false),
+            role_pass: tokio::sync::Mutex::new(()),
+            stopping: AtomicBool::new(false),
+            renewing: tokio::sync::Mutex::new(()),
             activity,
             active_writes: Arc::default(),
             stats: VolumeStats::default(),
@@ -324,6 +335,10 @@ impl VolumeRuntime {
 
     /// One pass of the role loop: reads the volume from the authority and acts on it.
     pub async fn refresh(self: &Arc<Self>) {
+        let _pass = self.role_pass.lock().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let a = &self.ctx.authority;
         let info = match a
             .volume_get(&self.ctx.config.site, self.name.as_str())
@@ -572,6 +587,7 @@ impl VolumeRuntime {
         let every = Duration::from_millis((lease_ms / 4).max(1));
         loop {
             tokio::time::sleep(every).await;
+            let _renewing = self.renewing.lock().await;
             if !self.is_primary_at(epoch) {
                 return;
             }
@@ -582,6 +598,8 @@ impl VolumeRuntime {
                 .lease_renew(&cfg.site, self.name.as_str(), &cfg.server_id, epoch)
                 .await
             {
+                // A step-down while the renewal was out keeps the lease cleared.
+                Ok(_) if !self.is_primary_at(epoch) => return,
                 Ok(g) if g.epoch == epoch => {
                     self.lease
                         .set(epoch, sent + lease_usable(g.lease_ms, cfg.drift_margin_ms));
@@ -605,8 +623,13 @@ impl VolumeRuntime {
     /// Graceful stop: stop acknowledging, then give the lease back so a new primary need not
     /// wait for it to run out.
     pub async fn release(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Waits out a pass in flight: once it ends no pass acts again, so the role read here
+        // is the last one.
+        let _pass = self.role_pass.lock().await;
         if let Role::Primary { epoch, .. } = self.role() {
             self.step_down("shutting down");
+            drop(self.renewing.lock().await);
             let cfg = &self.ctx.config;
             match self
                 .ctx
