@@ -194,7 +194,7 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
             depth,
             flush,
         } => {
-            let w = p.worker(depth.max(1));
+            let w = p.worker(depth.max(1))?;
             let mut next = start;
             let mut done = 0;
             while done < count {
@@ -246,7 +246,7 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
                 ClientOp::Verify { write_id, .. } => Some(write_id),
                 _ => None,
             };
-            let w = p.worker(1);
+            let w = p.worker(1)?;
             let mut bad = 0;
             for b in start..start + count {
                 w.submit(IoRequest {

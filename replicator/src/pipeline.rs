@@ -17,6 +17,7 @@ use crate::conn::{LinkEvent, PeerLink};
 use crate::frame::{ErrorBody, ErrorCode, Header, MsgKind, VolumeName, FLAG_FUA, MAX_PAYLOAD};
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +97,9 @@ struct WorkerQueues {
     cq: ArrayQueue<IoCompletion>,
     inflight: AtomicUsize,
     depth: usize,
+    /// Written after a batch of completions, so a worker that sleeps between polls (an idle
+    /// queue worker) wakes for them.
+    completion_fd: OwnedFd,
 }
 
 struct Shared {
@@ -132,6 +136,13 @@ impl PipelineWorker {
 
     pub fn inflight(&self) -> usize {
         self.q.inflight.load(Ordering::Acquire)
+    }
+
+    /// A non-blocking eventfd that becomes readable when completions were queued. A sleeping
+    /// worker waits on it, reads it to reset it, then polls; a completion queued between its
+    /// last poll and the wait leaves the fd readable, so none is slept through.
+    pub fn completion_fd(&self) -> RawFd {
+        self.q.completion_fd.as_raw_fd()
     }
 
     /// Waits for a completion up to `timeout` by polling with a growing pause (for tools
@@ -181,19 +192,27 @@ impl ReplicationPipeline {
     }
 
     /// A new submitter with room for `depth` requests in flight.
-    pub fn worker(&self, depth: usize) -> PipelineWorker {
+    pub fn worker(&self, depth: usize) -> std::io::Result<PipelineWorker> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
+        let completion_fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let q = Arc::new(WorkerQueues {
             sq: ArrayQueue::new(depth.max(1)),
             cq: ArrayQueue::new(depth.max(1)),
             inflight: AtomicUsize::new(0),
             depth: depth.max(1),
+            completion_fd,
         });
         self.shared.new_workers.push(q.clone());
         self.shared.notify.notify_one();
-        PipelineWorker {
+        Ok(PipelineWorker {
             q,
             shared: self.shared.clone(),
-        }
+        })
     }
 }
 
@@ -220,6 +239,8 @@ struct NetSide {
     volume: VolumeName,
     shared: Arc<Shared>,
     workers: Vec<Arc<WorkerQueues>>,
+    /// Per worker: completions were queued since its eventfd was last written.
+    to_signal: Vec<bool>,
     inflight: BTreeMap<u64, Pending>,
     next_order: u64,
     link: Option<PeerLink>,
@@ -244,6 +265,7 @@ impl NetSide {
             cfg,
             shared,
             workers: Vec::new(),
+            to_signal: Vec::new(),
             inflight: BTreeMap::new(),
             next_order: 1,
             link: None,
@@ -268,12 +290,32 @@ impl NetSide {
                 result,
             })
             .expect("completion queue bounded by depth");
+            self.to_signal[p.worker] = true;
+        }
+    }
+
+    /// One eventfd write per worker per batch of completions, not one per completion.
+    fn signal_completions(&mut self) {
+        for (wi, flag) in self.to_signal.iter_mut().enumerate() {
+            if std::mem::take(flag) {
+                let one: u64 = 1;
+                // SAFETY: writes 8 bytes from a live u64 to an eventfd this side owns (via
+                // the worker's queues). EAGAIN (counter saturated) still leaves it readable.
+                unsafe {
+                    libc::write(
+                        self.workers[wi].completion_fd.as_raw_fd(),
+                        (&one as *const u64).cast(),
+                        8,
+                    )
+                };
+            }
         }
     }
 
     fn drain_submissions(&mut self) {
         while let Some(w) = self.shared.new_workers.pop() {
             self.workers.push(w);
+            self.to_signal.push(false);
         }
         let deadline = Instant::now() + self.cfg.request_timeout;
         for wi in 0..self.workers.len() {
@@ -548,6 +590,7 @@ impl NetSide {
         loop {
             self.drain_submissions();
             if self.shared.stop.load(Ordering::SeqCst) && self.inflight.is_empty() {
+                self.signal_completions();
                 return;
             }
             if (self.need_refresh || self.link.is_none())
@@ -569,6 +612,7 @@ impl NetSide {
             } else {
                 Duration::from_millis(100)
             };
+            self.signal_completions();
             tokio::select! {
                 _ = self.shared.notify.notified() => {}
                 ev = self.events_rx.recv() => {
@@ -679,7 +723,7 @@ mod tests {
         rt.spawn(new_primary(lb, seen_b.clone()));
 
         let p = ReplicationPipeline::start(PipelineConfig::new("s", "v", fake.clone())).unwrap();
-        let w = p.worker(16);
+        let w = p.worker(16).unwrap();
         for tag in 0..10u64 {
             w.submit(IoRequest {
                 tag,
@@ -693,9 +737,25 @@ mod tests {
         }
         let mut tags = Vec::new();
         while tags.len() < 10 {
-            let c = w.wait(Duration::from_secs(20)).expect("completion");
-            assert!(c.result.is_ok(), "{c:?}");
-            tags.push(c.tag);
+            // A sleeping queue worker's protocol: wait on the eventfd, reset it, poll.
+            let mut pfd = libc::pollfd {
+                fd: w.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd; a bounded wait.
+            let woke = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+            assert_eq!(woke, 1, "eventfd woke");
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from the worker's eventfd.
+            let r = unsafe { libc::read(w.completion_fd(), (&mut n as *mut u64).cast(), 8) };
+            assert_eq!((r, n > 0), (8, true));
+            // A wake may find nothing: the previous drain can take completions whose
+            // eventfd write came after it. What matters is that none is slept through.
+            while let Some(c) = w.poll() {
+                assert!(c.result.is_ok(), "{c:?}");
+                tags.push(c.tag);
+            }
         }
         // No duplicate (the old primary answered request 1 twice) and nothing extra.
         assert!(w.wait(Duration::from_millis(200)).is_none());

@@ -27,7 +27,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     wait_in_sync(&au, &s1, "vol-a", &["s2"])?;
 
     let p = pipeline(&au, "vol-a");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-a", 0..300, 1)?.len(), 300);
     // In sync: the secondary has every acknowledged write.
     for b in 0..300 {
@@ -52,7 +52,7 @@ fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> R
     // Back: catch-up from the bitmap while the client keeps writing.
     s2.restart()?;
     let writer = std::thread::spawn({
-        let w = p.worker(16);
+        let w = p.worker(16)?;
         move || -> Result<Vec<u64>> {
             let mut acked = Vec::new();
             for round in 0..5u64 {
@@ -112,7 +112,7 @@ fn primary_kill9_restart_keeps_every_acknowledged_write() -> Result<()> {
     let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-k"], &[])?;
     wait_in_sync(&au, &s1, "vol-k", &["s2"])?;
     let p = pipeline(&au, "vol-k");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-k", 0..500, 1)?.len(), 500);
     // kill -9 while a second round is in flight; the pipeline retries until s1 is back.
     let writer = std::thread::spawn(move || write_blocks(&w, "vol-k", 0..2000, 2).map(|a| (a, w)));
@@ -151,7 +151,7 @@ fn rebuild_of_a_new_secondary_is_full_rate_limited_with_progress_under_live_writ
     )?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-r"))?;
     let p = pipeline(&au, "vol-r");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     // Written while s2 does not exist yet: the primary is degraded and acks alone.
     assert_eq!(
         write_blocks(&w, "vol-r", (0..8192).step_by(7), 1)?.len(),
@@ -201,7 +201,7 @@ fn garbage_oversized_and_corrupt_frames_close_only_their_connection() -> Result<
     let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-g"], &[])?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-g"))?;
     let p = pipeline(&au, "vol-g");
-    let w = p.worker(8);
+    let w = p.worker(8)?;
     write_blocks(&w, "vol-g", 0..10, 1)?;
 
     // A client connection that stays open through all of it and keeps working.
@@ -324,7 +324,7 @@ fn injected_eio_fails_that_volume_only_and_loses_nothing_acknowledged() -> Resul
     })?;
     let px = pipeline(&au, "vol-x");
     let py = pipeline(&au, "vol-y");
-    let (wx, wy) = (px.worker(8), py.worker(8));
+    let (wx, wy) = (px.worker(8)?, py.worker(8)?);
     write_blocks(&wx, "vol-x", 0..50, 1)?;
     http(
         &s1.admin_addr,
@@ -414,7 +414,7 @@ fn failover_after_primary_kill9_and_the_deposed_primary_cannot_ack() -> Result<(
     let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-f"], &[])?;
     wait_in_sync(&au, &s1, "vol-f", &["s2"])?;
     let p = pipeline(&au, "vol-f");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-f", 0..400, 1)?.len(), 400);
     let writer = std::thread::spawn(move || write_blocks(&w, "vol-f", 0..1500, 2).map(|a| (a, w)));
     std::thread::sleep(Duration::from_millis(30));
@@ -479,7 +479,7 @@ fn primary_cut_off_from_the_authority_stops_acking_and_the_client_follows_the_ne
     let s2 = ServerProc::start("s2", root.path(), &au.addr_for("s2"), &["vol-p"], &[])?;
     wait_in_sync(&au, &s1, "vol-p", &["s2"])?;
     let p = pipeline(&au, "vol-p");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-p", 0..200, 1)?.len(), 200);
 
     // Partition s1 from the authority only: the client and s2 still reach it.
@@ -542,7 +542,7 @@ fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Re
     let p = pipeline(&au, "vol-o");
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
-            let w = p.worker(16);
+            let w = p.worker(16).expect("pipeline worker");
             std::thread::spawn(move || -> Result<()> {
                 // Deterministic pseudo-random ranges over 32 blocks: heavy overlap.
                 let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
@@ -580,7 +580,7 @@ fn overlapping_concurrent_writes_land_in_the_same_order_on_both_replicas() -> Re
     for t in threads {
         t.join().unwrap()?;
     }
-    let w = p.worker(1);
+    let w = p.worker(1)?;
     flush(&w)?;
     files_equal_blocks(&s1.data_file("vol-o"), &s2.data_file("vol-o"), 0..40)?;
     Ok(())
@@ -601,7 +601,7 @@ fn eio_on_the_secondary_degrades_it_and_it_catches_up_after_the_disk_heals() -> 
     )?;
     wait_in_sync(&au, &s1, "vol-e", &["s2"])?;
     let p = pipeline(&au, "vol-e");
-    let w = p.worker(16);
+    let w = p.worker(16)?;
     write_blocks(&w, "vol-e", 0..100, 1)?;
     http(
         &s2.admin_addr,
@@ -664,7 +664,7 @@ fn three_servers_lose_a_secondary_then_the_primary_and_end_whole() -> Result<()>
     let mut s3 = ServerProc::start("s3", root.path(), &au.addr, &["vol-3"], &[])?;
     wait_in_sync(&au, &s1, "vol-3", &["s2", "s3"])?;
     let p = pipeline(&au, "vol-3");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     write_blocks(&w, "vol-3", 0..300, 1)?;
     s3.kill9();
     write_blocks(&w, "vol-3", 100..400, 2)?;
@@ -805,7 +805,7 @@ fn a_secondary_takes_over_only_when_the_primary_is_really_down() -> Result<()> {
     let mut cfg = PipelineConfig::new(SITE, "vol-t", au.client());
     cfg.takeover_after = Some(Duration::from_millis(300));
     let p = ReplicationPipeline::start(cfg)?;
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-t", 0..300, 1)?.len(), 300);
     // The primary really dies: the client's takeover request to s2 now goes through, the
     // authority promotes s2, and the client continues there. The test itself
@@ -910,7 +910,7 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
     let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-d"], &[])?;
     wait_in_sync(&au, &s1, "vol-d", &["s2"])?;
     let p = pipeline(&au, "vol-d");
-    let w = p.worker(8);
+    let w = p.worker(8)?;
     write_blocks(&w, "vol-d", 0..10, 1)?;
     // s1's disk hangs: a write reaches s2 but never s1's disk, and is never answered.
     http(
@@ -986,7 +986,7 @@ fn a_primary_whose_disk_hangs_is_replaced_after_a_client_asks_a_secondary() -> R
     let mut cfg = PipelineConfig::new(SITE, "vol-h", au.client());
     cfg.takeover_after = Some(Duration::from_millis(300));
     let p = ReplicationPipeline::start(cfg)?;
-    let w = p.worker(16);
+    let w = p.worker(16)?;
     write_blocks(&w, "vol-h", 0..100, 1)?;
     // s1 keeps its lease and answers health, but its disk hangs: writes stop completing.
     http(
@@ -1025,7 +1025,7 @@ fn a_rebuild_interrupted_by_a_secondary_kill9_resumes_where_it_was() -> Result<(
     )?;
     wait_until("s1 primary", T, || is_primary(&s1, "vol-u"))?;
     let p = pipeline(&au, "vol-u");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     write_blocks(&w, "vol-u", (0..8192).step_by(3), 1)?;
     let mut s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-u"], &[])?;
     let mut done_before = 0;
@@ -1071,7 +1071,7 @@ fn the_primary_keeps_serving_across_an_authority_leader_change() -> Result<()> {
     let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-m"], &[])?;
     wait_in_sync(&au, &s1, "vol-m", &["s2"])?;
     let p = pipeline(&au, "vol-m");
-    let w = p.worker(32);
+    let w = p.worker(32)?;
     assert_eq!(write_blocks(&w, "vol-m", 0..300, 1)?.len(), 300);
 
     let mut old = None;
