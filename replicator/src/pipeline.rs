@@ -18,7 +18,7 @@ use crate::frame::{ErrorBody, ErrorCode, Header, MsgKind, VolumeName, FLAG_FUA, 
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -106,6 +106,30 @@ struct Shared {
     new_workers: SegQueue<Arc<WorkerQueues>>,
     notify: Notify,
     stop: AtomicBool,
+    /// Written by the network side when it (re)learns the primary; read by operators.
+    status: std::sync::Mutex<PipelineStatus>,
+    /// Requests sent again after a failover, a fencing answer or a lost connection.
+    retried: AtomicU64,
+}
+
+/// What the pipeline last learned about its volume (for health output and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PipelineStatus {
+    /// The primary the requests go to, once one was connected.
+    pub primary: Option<String>,
+    pub primary_addr: Option<String>,
+    pub generation: u64,
+    pub epoch: u64,
+    /// Servers of the volume the authority lists as in sync (the primary among them).
+    pub in_sync: Vec<String>,
+    /// Servers of the volume that are not in sync: the volume is degraded while any is.
+    pub out_of_sync: Vec<String>,
+    /// Requests sent again after a failover, a fencing answer or a lost connection.
+    pub retried: u64,
+    /// Times the connection went to a different primary than before.
+    pub primary_changes: u64,
+    /// Milliseconds since the primary could last be reached, while it cannot.
+    pub unreachable_ms: Option<u64>,
 }
 
 /// One submitter's queues. `Send` but meant to stay on one thread (a queue worker).
@@ -177,6 +201,8 @@ impl ReplicationPipeline {
             new_workers: SegQueue::new(),
             notify: Notify::new(),
             stop: AtomicBool::new(false),
+            status: Default::default(),
+            retried: AtomicU64::new(0),
         });
         let s = shared.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -189,6 +215,13 @@ impl ReplicationPipeline {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// What the network side last learned: primary, epoch, replicas in sync, retries.
+    pub fn status(&self) -> PipelineStatus {
+        let mut s = self.shared.status.lock().expect("status").clone();
+        s.retried = self.shared.retried.load(Ordering::Relaxed);
+        s
     }
 
     /// A new submitter with room for `depth` requests in flight.
@@ -231,6 +264,8 @@ struct Pending {
     req: IoRequest,
     /// The link it was last sent on, if it is waiting for an answer there.
     sent_on: Option<u64>,
+    /// Sent at least once already: sending it again is a retry.
+    sent_before: bool,
     deadline: Instant,
 }
 
@@ -328,6 +363,7 @@ impl NetSide {
                         worker: wi,
                         req,
                         sent_on: None,
+                        sent_before: false,
                         deadline,
                     },
                 );
@@ -387,6 +423,8 @@ impl NetSide {
                 Err(e) => {
                     tracing::debug!(error = %e, "pipeline: connect to primary");
                     let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+                    self.shared.status.lock().expect("status").unreachable_ms =
+                        Some(since.elapsed().as_millis() as u64);
                     self.maybe_takeover(&info, since).await;
                     return;
                 }
@@ -394,6 +432,20 @@ impl NetSide {
         }
         self.fence = (info.generation, info.epoch);
         self.need_refresh = false;
+        {
+            let mut st = self.shared.status.lock().expect("status");
+            if st.primary.is_some() && st.primary != info.primary {
+                st.primary_changes += 1;
+            }
+            st.primary = info.primary.clone();
+            st.primary_addr = Some(p.data_addr.clone());
+            st.generation = info.generation;
+            st.epoch = info.epoch;
+            let (ins, outs): (Vec<_>, Vec<_>) = info.servers.iter().partition(|s| s.in_sync);
+            st.in_sync = ins.iter().map(|s| s.server_id.clone()).collect();
+            st.out_of_sync = outs.iter().map(|s| s.server_id.clone()).collect();
+            st.unreachable_ms = None;
+        }
         self.last_info = Some(info.clone());
         // Everything not answered on the current link goes again, in submission order.
         let cur = self.link.as_ref().map(PeerLink::id);
@@ -494,6 +546,9 @@ impl NetSide {
                 return;
             }
             p.sent_on = Some(lid);
+            if std::mem::replace(&mut p.sent_before, true) {
+                self.shared.retried.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -767,5 +822,17 @@ mod tests {
         assert_eq!(offsets, (3..10).collect::<Vec<_>>());
         assert!(b.iter().all(|&(_, _, e)| e == 2), "{b:?}");
         assert!(seen_a.lock().unwrap().iter().all(|&(_, _, e)| e == 1));
+        // Status: the new primary, its epoch, one change, and the seven resent requests.
+        let st = p.status();
+        assert_eq!(
+            (
+                st.primary.as_deref(),
+                st.epoch,
+                st.primary_changes,
+                st.retried
+            ),
+            (Some("s2"), 2, 1, 7),
+            "{st:?}"
+        );
     }
 }
