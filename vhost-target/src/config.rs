@@ -24,11 +24,17 @@ use crate::target::Target;
 /// Tandem's subsystems and what each depends on, in initialisation order
 /// (`framework_get_subsystems`).
 pub fn subsystems() -> impl Iterator<Item = (&'static str, &'static [&'static str])> {
-    [("bdev", &[][..]), ("vhost_blk", &["bdev"][..])].into_iter()
+    [
+        ("keyring", &[][..]),
+        ("bdev", &["keyring"][..]),
+        ("vhost_blk", &["bdev"][..]),
+    ]
+    .into_iter()
 }
 
 /// The subsystems Tandem replays, in replay order, with the methods each may hold.
 const SUBSYSTEMS: &[(&str, &[&str])] = &[
+    ("keyring", &["keyring_file_add_key"]),
     (
         "bdev",
         &[
@@ -36,6 +42,7 @@ const SUBSYSTEMS: &[(&str, &[&str])] = &[
             "bdev_null_create",
             "bdev_uring_create",
             "bdev_aio_create",
+            "bdev_replicated_create",
             "bdev_wait_for_examine",
         ],
     ),
@@ -204,6 +211,20 @@ pub fn save(target: &Target) -> Value {
 /// Tandem does not have.
 pub fn subsystem_config(target: &Target, subsystem: &str) -> Option<Vec<Value>> {
     match subsystem {
+        // Keys are saved by file, never by value: the file stays the one place the key is.
+        "keyring" => Some(
+            target
+                .keyring()
+                .describe()
+                .into_iter()
+                .map(|k| {
+                    json!({
+                        "method": "keyring_file_add_key",
+                        "params": { "name": k.name, "path": k.path },
+                    })
+                })
+                .collect(),
+        ),
         "bdev" => Some(
             target
                 .bdevs()
@@ -253,14 +274,36 @@ mod tests {
             Some(json!({"ctrlr": "vhost.0", "dev_name": "Null0", "num_queues": 2})),
         )
         .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k0");
+        let hex: String = (0..64u8).map(|i| format!("{i:02x}")).collect();
+        std::fs::write(&key, &hex).unwrap();
+        std::fs::set_permissions(
+            &key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        rpc::call(
+            &mut t,
+            "keyring_file_add_key",
+            Some(json!({"name": "k0", "path": key})),
+        )
+        .unwrap();
         let cfg = save(&t);
-        assert_eq!(cfg["subsystems"][0]["subsystem"], "bdev");
+        // Keys first (bdevs need them), by file: the key itself is never in a config.
+        assert_eq!(cfg["subsystems"][0]["subsystem"], "keyring");
         assert_eq!(
-            cfg["subsystems"][0]["config"][0]["method"],
+            cfg["subsystems"][0]["config"],
+            json!([{"method": "keyring_file_add_key", "params": {"name": "k0", "path": key}}])
+        );
+        assert!(!cfg.to_string().contains(&hex[..32]));
+        assert_eq!(cfg["subsystems"][1]["subsystem"], "bdev");
+        assert_eq!(
+            cfg["subsystems"][1]["config"][0]["method"],
             "bdev_null_create"
         );
-        assert_eq!(cfg["subsystems"][0]["config"][0]["params"]["name"], "Null0");
-        let ctrlr = &cfg["subsystems"][1]["config"][0];
+        assert_eq!(cfg["subsystems"][1]["config"][0]["params"]["name"], "Null0");
+        let ctrlr = &cfg["subsystems"][2]["config"][0];
         assert_eq!(ctrlr["method"], "vhost_create_blk_controller");
         assert_eq!(
             ctrlr["params"],

@@ -13,6 +13,7 @@ pub mod bdev;
 pub mod blk;
 pub mod config;
 pub mod cpumask;
+pub mod keyring;
 pub mod loadgen;
 pub mod rpc;
 pub mod target;

@@ -16,9 +16,11 @@ use std::sync::Arc;
 
 use crate::bdev::malloc::MallocBdev;
 use crate::bdev::null::NullBdev;
+use crate::bdev::replicated::{ReplicatedBdev, ReplicatedOptions};
 use crate::bdev::uring::{UringBdev, UringOptions};
 use crate::bdev::{Bdev, BdevError};
 use crate::cpumask::{CpuMaskError, CpuSet};
+use crate::keyring::{Keyring, KeyringError};
 use crate::vhost::{Controller, ControllerInfo, ControllerSpec, PollMode, VhostError};
 
 /// Linux errno values used as SPDK-style JSON-RPC error codes (negated).
@@ -31,6 +33,7 @@ pub mod errno {
     pub const ENAMETOOLONG: i32 = libc::ENAMETOOLONG;
     pub const ESHUTDOWN: i32 = libc::ESHUTDOWN;
     pub const EADDRINUSE: i32 = libc::EADDRINUSE;
+    pub const ENOKEY: i32 = libc::ENOKEY;
 }
 
 /// Default number of virtqueues a controller offers (`num_queues`).
@@ -80,6 +83,8 @@ pub enum TargetError {
     Vhost(#[from] VhostError),
     #[error("the target is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
 }
 
 impl TargetError {
@@ -104,6 +109,10 @@ impl TargetError {
             TargetError::Vhost(VhostError::Bdev(e)) => bdev_errno(e),
             TargetError::Vhost(_) => errno::EIO,
             TargetError::ShuttingDown => errno::ESHUTDOWN,
+            TargetError::Keyring(KeyringError::Exists(_)) => errno::EEXIST,
+            TargetError::Keyring(KeyringError::NoSuchKey(_)) => errno::ENOKEY,
+            TargetError::Keyring(KeyringError::InUse { .. }) => errno::EBUSY,
+            TargetError::Keyring(_) => errno::EINVAL,
         }
     }
 }
@@ -184,6 +193,7 @@ pub struct Target {
     settings: TargetSettings,
     bdevs: BTreeMap<String, Arc<dyn Bdev>>,
     controllers: BTreeMap<String, ControllerEntry>,
+    keyring: Keyring,
     /// Next N tried for an auto-named "MallocN" (SPDK counts creations).
     next_malloc: u32,
     start_controller: ControllerStarter,
@@ -210,6 +220,7 @@ impl Target {
             settings,
             bdevs: BTreeMap::new(),
             controllers: BTreeMap::new(),
+            keyring: Keyring::default(),
             next_malloc: 0,
             start_controller: start,
             shut_down: false,
@@ -256,6 +267,23 @@ impl Target {
         self.check_new_bdev_name(&opts.name)?;
         let bdev = UringBdev::open(opts)?;
         self.register_bdev(Arc::new(bdev))
+    }
+
+    /// Creates a replicated bdev (`bdev_replicated_create`) encrypted with the named key.
+    /// Blocks until the volume's label was read (or written) through its primary.
+    pub fn create_replicated_bdev(&mut self, opts: ReplicatedOptions) -> Result<String> {
+        self.check_new_bdev_name(&opts.name)?;
+        let key = self.keyring.get(&opts.key_name)?;
+        let bdev = ReplicatedBdev::open(opts, key)?;
+        self.register_bdev(Arc::new(bdev))
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    pub fn keyring_mut(&mut self) -> &mut Keyring {
+        &mut self.keyring
     }
 
     /// Adds an already built bdev under its own name.

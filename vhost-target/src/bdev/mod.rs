@@ -14,6 +14,7 @@ pub mod iostat;
 pub mod malloc;
 pub mod null;
 pub mod params;
+pub mod replicated;
 pub mod sync_channel;
 #[cfg(test)]
 mod test_util;

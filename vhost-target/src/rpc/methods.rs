@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{attach_hint, RpcError};
+use crate::bdev::replicated::ReplicatedOptions;
 use crate::bdev::uring::{UringKind, UringOptions};
 use crate::bdev::Bdev;
 use crate::target::{ControllerRequest, Target, TargetError};
@@ -36,6 +37,11 @@ const METHODS: &[(&str, Handler)] = &[
     ("bdev_uring_delete", bdev_uring_delete),
     ("bdev_aio_create", bdev_aio_create),
     ("bdev_aio_delete", bdev_aio_delete),
+    ("bdev_replicated_create", bdev_replicated_create),
+    ("bdev_replicated_delete", bdev_replicated_delete),
+    ("keyring_file_add_key", keyring_file_add_key),
+    ("keyring_file_remove_key", keyring_file_remove_key),
+    ("keyring_get_keys", keyring_get_keys),
     ("bdev_get_bdevs", bdev_get_bdevs),
     ("bdev_get_iostat", bdev_get_iostat),
     ("bdev_wait_for_examine", bdev_wait_for_examine),
@@ -307,6 +313,119 @@ fn bdev_aio_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
         kind: UringKind::Aio,
     };
     Ok(json!(t.create_uring_bdev(opts)?))
+}
+
+/// One address or several: `"127.0.0.1:7300"` or `["a:7300", "b:7300"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Addresses {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicatedCreateParams {
+    name: String,
+    authority: Addresses,
+    #[serde(default = "default_site")]
+    site: String,
+    volume: String,
+    key_name: String,
+    uuid: Option<String>,
+    io_timeout_ms: Option<u64>,
+    takeover_after_ms: Option<u64>,
+}
+
+fn default_site() -> String {
+    "site-a".into()
+}
+
+fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let p: ReplicatedCreateParams = parse(p)?;
+    let authority = match p.authority {
+        Addresses::One(a) => a.split(',').map(|s| s.trim().to_owned()).collect(),
+        Addresses::Many(v) => v,
+    };
+    if authority.iter().any(|a| a.is_empty()) {
+        return Err(einval("authority: empty address".into()));
+    }
+    let ms = |v: Option<u64>, d: std::time::Duration, what: &str| match v {
+        None => Ok(d),
+        Some(0) => Err(einval(format!("{what} must be above 0"))),
+        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
+    };
+    let opts = ReplicatedOptions {
+        name: p.name,
+        authority,
+        site: p.site,
+        volume: p.volume,
+        key_name: p.key_name,
+        uuid: parse_uuid(p.uuid.as_deref())?,
+        io_timeout: ms(
+            p.io_timeout_ms,
+            ReplicatedOptions::DEFAULT_IO_TIMEOUT,
+            "io_timeout_ms",
+        )?,
+        takeover_after: ms(
+            p.takeover_after_ms,
+            ReplicatedOptions::DEFAULT_TAKEOVER_AFTER,
+            "takeover_after_ms",
+        )?,
+    };
+    Ok(json!(t.create_replicated_bdev(opts)?))
+}
+
+fn bdev_replicated_delete(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    delete_of_kind(t, p, "replicated")
+}
+
+// ---- keyring ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFileParams {
+    name: String,
+    path: String,
+}
+
+fn keyring_file_add_key(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let p: KeyFileParams = parse(p)?;
+    t.keyring_mut()
+        .add_file_key(&p.name, std::path::Path::new(&p.path))
+        .map_err(TargetError::from)?;
+    Ok(json!(true))
+}
+
+fn keyring_file_remove_key(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let NameParams { name } = parse(p)?;
+    t.keyring_mut()
+        .remove(&name)
+        .map_err(TargetError::from)?;
+    Ok(json!(true))
+}
+
+fn keyring_get_keys(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let NoParams {} = parse(p)?;
+    Ok(Value::Array(
+        t.keyring()
+            .describe()
+            .into_iter()
+            .map(|k| {
+                json!({
+                    "name": k.name,
+                    "module": "keyring_file",
+                    "path": k.path,
+                    "removed": false,
+                    "probed": false,
+                    // Tandem extensions: the key check value (identifies, never reveals, the
+                    // key) and whether a bdev holds the key.
+                    "check": k.check,
+                    "in_use": k.in_use,
+                })
+            })
+            .collect(),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -499,11 +499,12 @@ fn framework_get_config_matches_save_config() {
     let subs = rpc(&t, "framework_get_subsystems", json!({}));
     assert_eq!(
         subs["result"],
-        json!([{"subsystem": "bdev", "depends_on": []},
+        json!([{"subsystem": "keyring", "depends_on": []},
+               {"subsystem": "bdev", "depends_on": ["keyring"]},
                {"subsystem": "vhost_blk", "depends_on": ["bdev"]}])
     );
     let saved = rpc(&t, "save_config", json!({}))["result"].clone();
-    for (i, name) in ["bdev", "vhost_blk"].iter().enumerate() {
+    for (i, name) in ["keyring", "bdev", "vhost_blk"].iter().enumerate() {
         let c = rpc(
             &t,
             "framework_get_config",
