@@ -278,11 +278,8 @@ mod tests {
         let key = dir.path().join("k0");
         let hex: String = (0..64u8).map(|i| format!("{i:02x}")).collect();
         std::fs::write(&key, &hex).unwrap();
-        std::fs::set_permissions(
-            &key,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         rpc::call(
             &mut t,
             "keyring_file_add_key",

@@ -38,6 +38,28 @@ pub const LEASE_MS: u64 = 1000;
 /// is the replicator's `--drift-margin-ms`).
 pub const AUTHORITY_DRIFT_MS: u64 = 100;
 
+/// The `replicator` binary: this package's own when its tests run; when another package's
+/// tests include this harness (vhost-target's replicated-disk tests), the one built beside
+/// them in the same target directory (`cargo build --workspace` or a workspace test run).
+pub fn replicator_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_replicator") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/replicator
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("replicator"))
+        .expect("target directory");
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -377,7 +399,7 @@ impl ServerProc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        let mut child = Command::new(replicator_bin())
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

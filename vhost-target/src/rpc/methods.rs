@@ -399,9 +399,7 @@ fn keyring_file_add_key(t: &mut Target, p: Value) -> Result<Value, RpcError> {
 
 fn keyring_file_remove_key(t: &mut Target, p: Value) -> Result<Value, RpcError> {
     let NameParams { name } = parse(p)?;
-    t.keyring_mut()
-        .remove(&name)
-        .map_err(TargetError::from)?;
+    t.keyring_mut().remove(&name).map_err(TargetError::from)?;
     Ok(json!(true))
 }
 

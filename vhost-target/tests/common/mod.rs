@@ -31,6 +31,11 @@ impl Drop for Target {
 
 impl Target {
     pub fn start() -> Target {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `serve` arguments (e.g. `-c config.json`).
+    pub fn start_with(extra: &[&std::ffi::OsStr]) -> Target {
         let dir = tempfile::tempdir().unwrap();
         let rpc = dir.path().join("rpc.sock");
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
@@ -41,6 +46,7 @@ impl Target {
             .arg("-S")
             .arg(dir.path())
             .args(["-m", "0x1"])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -64,6 +70,16 @@ impl Target {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The whole JSON-RPC answer, error or not.
+    pub fn try_call(&self, method: &str, params: Value) -> Value {
+        let mut s = UnixStream::connect(&self.rpc).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        s.write_all(req.to_string().as_bytes()).unwrap();
+        let mut de = serde_json::Deserializer::from_reader(s).into_iter::<Value>();
+        de.next().expect("an answer").expect("valid JSON")
     }
 
     pub fn call(&self, method: &str, params: Value) -> Value {

@@ -155,7 +155,12 @@ impl ReplicatedChannel {
         }
     }
 
-    fn finish_part(&mut self, slot_ix: u32, result: Result<(), IoError>, done: &mut dyn FnMut(Completion)) -> bool {
+    fn finish_part(
+        &mut self,
+        slot_ix: u32,
+        result: Result<(), IoError>,
+        done: &mut dyn FnMut(Completion),
+    ) -> bool {
         let s = &mut self.slots[slot_ix as usize];
         if s.result.is_ok() {
             s.result = result;

@@ -1,0 +1,233 @@
+//! The replicated bdev end to end without a guest: a real `vhost-target serve` attaches a
+//! volume kept by two real `replicator serve` processes under the real authority (in this test
+//! process, as in the replicator's own tests), and a vhost-user client (the load generator's
+//! session) reads and writes it over the controller's socket.
+
+mod common;
+#[path = "../../replicator/tests/common/mod.rs"]
+mod site;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vhost_target::bdev::replicated::label::LABEL_BYTES;
+use vhost_target::loadgen::{Session, SessionOptions};
+
+use common::Target;
+use site::{wait_in_sync, wait_until, ServerProc, TestAuthority, SITE};
+
+const MIB: u64 = 1 << 20;
+
+fn key_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    let p = dir.join(name);
+    let hex: String = (0..64u8)
+        .map(|i| format!("{:02x}", i.wrapping_mul(7) ^ seed))
+        .collect();
+    std::fs::write(&p, hex).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn session(sock: &Path) -> Session {
+    Session::connect(
+        sock,
+        SessionOptions {
+            timeout: Duration::from_secs(30),
+            ..SessionOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31) ^ seed.wrapping_mul(0x9e37)) as u8)
+        .collect()
+}
+
+fn replicated_params(au: &TestAuthority, name: &str, vol: &str, key: &str) -> Value {
+    json!({"name": name, "authority": au.addr, "site": SITE, "volume": vol, "key_name": key})
+}
+
+fn read_file_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+/// A two-server volume in sync, with its servers.
+fn site(root: &Path, au: &TestAuthority, vol: &str) -> (ServerProc, ServerProc) {
+    au.create_volume(vol, 64 * MIB, &["s1", "s2"]);
+    let s1 = ServerProc::start("s1", root, &au.addr, &[vol], &[]).unwrap();
+    let s2 = ServerProc::start("s2", root, &au.addr, &[vol], &[]).unwrap();
+    wait_in_sync(au, &s1, vol, &["s2"]).unwrap();
+    (s1, s2)
+}
+
+#[test]
+fn replicated_disk_keeps_only_ciphertext_on_both_servers_and_survives_a_fresh_attach() {
+    let root = tempfile::tempdir().unwrap();
+    let au = TestAuthority::start();
+    let (s1, s2) = site(root.path(), &au, "vol-r");
+    let t = Target::start();
+    let k0 = key_file(root.path(), "k0", 1);
+    t.call("keyring_file_add_key", json!({"name": "k0", "path": k0}));
+    t.call(
+        "bdev_replicated_create",
+        replicated_params(&au, "Rep0", "vol-r", "k0"),
+    );
+    let sock = t.controller("vhost.r", "Rep0", json!({}));
+
+    let b = &t.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0];
+    assert_eq!(b["product_name"], "Replicated disk");
+    assert_eq!(
+        b["num_blocks"].as_u64().unwrap() * b["block_size"].as_u64().unwrap(),
+        64 * MIB - LABEL_BYTES
+    );
+    let r = &b["driver_specific"]["replicated"];
+    assert_eq!(
+        (r["primary"].as_str(), r["degraded"].as_bool()),
+        (Some("s1"), Some(false)),
+        "{b}"
+    );
+    assert_eq!(r["formatted_on_attach"], true);
+
+    let mut s = session(&sock);
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (0, pattern(4096, 1)),
+        (8 * MIB, pattern(256 * 1024, 2)),
+        // Larger than one 1 MiB pipeline part: split and completed as one request.
+        (20 * MIB, pattern(3 * MIB as usize / 2, 3)),
+        (64 * MIB - LABEL_BYTES - 4096, pattern(4096, 4)),
+    ];
+    for (off, data) in &writes {
+        s.write(*off, data).unwrap();
+    }
+    s.flush().unwrap();
+    // Unwritten space reads as zeroes, not as decrypted zeroes.
+    let mut z = vec![0xffu8; 8192];
+    s.read(30 * MIB, &mut z).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    s.write_zeroes(8 * MIB, 8192, false).unwrap();
+    let mut back = vec![0u8; 8192];
+    s.read(8 * MIB, &mut back).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "write-zeroes reads back zeroes"
+    );
+    s.write(8 * MIB, &writes[1].1[..8192]).unwrap();
+    for (off, data) in &writes {
+        let mut back = vec![0u8; data.len()];
+        s.read(*off, &mut back).unwrap();
+        assert!(back == *data, "read at {off} returns what was written");
+    }
+
+    // Both replicas hold the same bytes, and none of them is the guest's plaintext.
+    for (off, data) in &writes {
+        let a = read_file_at(&s1.data_file("vol-r"), LABEL_BYTES + off, data.len());
+        let c = read_file_at(&s2.data_file("vol-r"), LABEL_BYTES + off, data.len());
+        assert!(a == c, "replicas agree at {off}");
+        assert!(a != *data, "replica at {off} holds ciphertext");
+        assert!(
+            a.chunks(512).zip(data.chunks(512)).all(|(x, y)| x != y),
+            "no sector at {off} is stored in the clear"
+        );
+    }
+
+    // Wrong key and missing key: clear errors at attach time, the target keeps serving.
+    let k1 = key_file(root.path(), "k1", 2);
+    t.call("keyring_file_add_key", json!({"name": "k1", "path": k1}));
+    let e = t.try_call(
+        "bdev_replicated_create",
+        replicated_params(&au, "Rep1", "vol-r", "k1"),
+    );
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("wrong key") && msg.contains("k0"), "{e}");
+    let e = t.try_call(
+        "bdev_replicated_create",
+        replicated_params(&au, "Rep2", "vol-r", "nope"),
+    );
+    assert_eq!(e["error"]["code"], -(libc::ENOKEY as i64), "{e}");
+    let e = t.try_call(
+        "bdev_replicated_create",
+        replicated_params(&au, "Rep3", "no-such-volume", "k0"),
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-volume"),
+        "{e}"
+    );
+    // A key a bdev uses cannot be removed.
+    let e = t.try_call("keyring_file_remove_key", json!({"name": "k0"}));
+    assert_eq!(e["error"]["code"], -(libc::EBUSY as i64), "{e}");
+    let keys = t.call("keyring_get_keys", json!({}));
+    assert!(!keys
+        .to_string()
+        .contains(&std::fs::read_to_string(&k0).unwrap()[..16]));
+    let mut back = vec![0u8; 4096];
+    s.read(0, &mut back).unwrap();
+    assert_eq!(back, writes[0].1);
+    drop(s);
+
+    // save_config, then a second target started from it: a fresh attach of the same volume
+    // reads back every block.
+    let saved = t.call("save_config", json!({}));
+    let text = saved.to_string();
+    assert!(text.contains("bdev_replicated_create") && text.contains("keyring_file_add_key"));
+    let cfg = root.path().join("saved.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(&saved).unwrap()).unwrap();
+    t.call("vhost_delete_controller", json!({"ctrlr": "vhost.r"}));
+    drop(t);
+    let t2 = Target::start_with(&[OsStr::new("-c"), cfg.as_os_str()]);
+    let b = &t2.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0];
+    assert_eq!(
+        b["driver_specific"]["replicated"]["formatted_on_attach"],
+        false
+    );
+    let mut s = session(&t2.dir.path().join("vhost.r"));
+    for (off, data) in &writes {
+        let mut back = vec![0u8; data.len()];
+        s.read(*off, &mut back).unwrap();
+        assert!(back == *data, "fresh attach reads back the block at {off}");
+    }
+    let _ = (s1, s2);
+}
+
+#[test]
+fn a_volume_holding_foreign_data_is_refused_not_overwritten() {
+    let root = tempfile::tempdir().unwrap();
+    let au = TestAuthority::start();
+    let (s1, _s2) = site(root.path(), &au, "vol-f");
+    // Something other than Tandem wrote the first block (through the replication client).
+    let p = site::pipeline(&au, "vol-f");
+    let w = p.worker(1).unwrap();
+    site::write_blocks(&w, "vol-f", 0..1, 7).unwrap();
+    site::flush(&w).unwrap();
+    let before = read_file_at(&s1.data_file("vol-f"), 0, 4096);
+
+    let t = Target::start();
+    let k = key_file(t.dir.path(), "k", 3);
+    t.call("keyring_file_add_key", json!({"name": "k", "path": k}));
+    let e = t.try_call(
+        "bdev_replicated_create",
+        replicated_params(&au, "Rep0", "vol-f", "k"),
+    );
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("not a Tandem replicated volume"), "{e}");
+    wait_until("nothing changed", Duration::from_secs(1), || {
+        read_file_at(&s1.data_file("vol-f"), 0, 4096) == before
+    })
+    .unwrap();
+    assert!(t
+        .call("bdev_get_bdevs", json!({}))
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
