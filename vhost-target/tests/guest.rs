@@ -312,6 +312,16 @@ fn prepare_image(dir: &Path) -> Result<PathBuf> {
 
 /// Boot the guest against `socket` with `script`; its `KEY value` report lines.
 fn run_guest(dir: &Path, socket: &Path, script: &str) -> Result<HashMap<String, String>> {
+    run_guest_with(dir, socket, script, false)
+}
+
+/// [`run_guest`], optionally booting the initramfs that carries fio.
+fn run_guest_with(
+    dir: &Path,
+    socket: &Path,
+    script: &str,
+    fio: bool,
+) -> Result<HashMap<String, String>> {
     let script_path = dir.join("guest-script.sh");
     std::fs::write(&script_path, script)?;
     let log = dir.join("console.log");
@@ -329,6 +339,7 @@ fn run_guest(dir: &Path, socket: &Path, script: &str) -> Result<HashMap<String, 
             .arg(GUEST_TIMEOUT.as_secs().to_string())
             .arg("--log")
             .arg(&log)
+            .args(fio.then_some("--fio"))
             .stdout(Stdio::piped())
             .stderr(File::create(&stderr_path)?),
     )?;
@@ -492,4 +503,118 @@ fn guest_pattern_matches_awk_pattern_layout() {
     assert!(p[512..].starts_with(b"guest-000001-"));
     // 13-byte unit: the sector ends with a partial unit.
     assert_eq!(&p[507..512], b"guest"[..5].as_ref());
+}
+
+mod common;
+#[path = "../../replicator/tests/common/mod.rs"]
+mod site;
+
+/// The guest's side of the replicated-disk test: fio writes 16 MiB of 4 KiB random blocks
+/// with crc32c verification (then reads and checks them all), and dd writes a known pattern
+/// for the host to check after the guest is gone. The host kills the primary replicator
+/// while fio runs.
+const REPLICATED_SCRIPT: &str = r#"
+set -u
+dev=/dev/vda
+pat() { # tag sectors -> per-sector pattern on stdout, same as pattern() in guest.rs
+    awk -v tag="$1" -v n="$2" 'BEGIN { for (i = 0; i < n; i++) {
+        u = sprintf("%s-%06d-", tag, i); s = u; while (length(s) < 512) s = s u;
+        printf "%s", substr(s, 1, 512) } }'
+}
+echo "SIZE_SECTORS $(cat /sys/block/vda/size)"
+fio --name=rep --filename=$dev --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite \
+    --bs=4k --offset=0 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --eta=never >/tmp/fio.out 2>&1
+rc=$?
+echo "FIO_RC $rc"
+[ "$rc" = 0 ] || tail -n 30 /tmp/fio.out
+pat guest 2048 > /tmp/guest.pat
+if dd if=/tmp/guest.pat of=$dev bs=4096 seek=6144 count=256 oflag=direct conv=fsync 2>/dev/null
+then echo "PATTERN_WRITE ok"; else echo "PATTERN_WRITE failed"; fi
+echo "KERNEL_IO_ERRORS $(dmesg | grep -c -i 'i/o error')"
+echo "GUEST_DONE ok"
+"#;
+
+/// A guest writes and verifies a replicated disk while the primary replicator is killed with
+/// SIGKILL: no I/O error in the guest, fio's verification passes, and a fresh attach of the
+/// volume afterwards (a new target, the same key) reads back the pattern the guest wrote.
+#[test]
+fn guest_on_a_replicated_disk_survives_a_primary_kill9() -> Result<()> {
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+    if !guest_available(Some("fio"))? {
+        return Ok(());
+    }
+    let dir = scratch_dir()?;
+    let au = site::TestAuthority::start();
+    au.create_volume("vol-g", 64 << 20, &["s1", "s2"]);
+    let s1 = site::ServerProc::start("s1", dir.path(), &au.addr, &["vol-g"], &[])?;
+    let s2 = site::ServerProc::start("s2", dir.path(), &au.addr, &["vol-g"], &[])?;
+    site::wait_in_sync(&au, &s1, "vol-g", &["s2"])?;
+    let key = dir.path().join("vol-g.key");
+    let hex: String = (0..64u8).map(|i| format!("{:02x}", i ^ 0xa5)).collect();
+    std::fs::write(&key, hex)?;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let bdev = json!({"name": "Rep0", "authority": au.addr, "site": site::SITE,
+                      "volume": "vol-g", "key_name": "k"});
+    let t = common::Target::start();
+    t.call("keyring_file_add_key", json!({"name": "k", "path": key}));
+    t.call("bdev_replicated_create", bdev.clone());
+    let sock = t.controller("vhost.g", "Rep0", json!({}));
+
+    let s1 = std::sync::Mutex::new(s1);
+    let (report, killed_after) = std::thread::scope(|sc| {
+        let guest = sc.spawn(|| run_guest_with(dir.path(), &sock, REPLICATED_SCRIPT, true));
+        // Kill the primary once fio is well under way (writes are reaching the target).
+        let mut killed_after = None;
+        while !guest.is_finished() {
+            let writes = t.call("bdev_get_iostat", json!({"name": "Rep0"}))["bdevs"][0]
+                ["num_write_ops"]
+                .as_u64()
+                .unwrap_or(0);
+            if writes >= 800 {
+                s1.lock().unwrap().kill9();
+                killed_after = Some(writes);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (guest.join().expect("guest thread"), killed_after)
+    });
+    let report = report?;
+    let killed_after = killed_after.context("the guest finished before the primary was killed")?;
+    let get = |k: &str| report.get(k).map(String::as_str).unwrap_or("-");
+    assert_eq!(get("GUEST_DONE"), "ok", "{report:?}");
+    assert_eq!(
+        get("FIO_RC"),
+        "0",
+        "fio with crc32c verification: {report:?}"
+    );
+    assert_eq!(get("PATTERN_WRITE"), "ok", "{report:?}");
+    assert_eq!(
+        get("KERNEL_IO_ERRORS"),
+        "0",
+        "I/O errors in the guest: {report:?}"
+    );
+    let st = &t.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0]["driver_specific"]["replicated"];
+    assert_eq!(st["primary"], "s2", "the survivor is primary: {st}");
+    eprintln!("primary killed after {killed_after} guest writes; after the guest: {st}");
+    drop(t);
+
+    // A fresh attach reads what the guest wrote, from the surviving replica.
+    let t2 = common::Target::start();
+    t2.call("keyring_file_add_key", json!({"name": "k", "path": key}));
+    t2.call("bdev_replicated_create", bdev);
+    let mut s = vhost_target::loadgen::Session::connect(
+        t2.controller("vhost.g", "Rep0", json!({})),
+        vhost_target::loadgen::SessionOptions::default(),
+    )?;
+    let mut back = vec![0u8; 1 << 20];
+    s.read(24 << 20, &mut back)?;
+    assert!(
+        back == pattern("guest", 1 << 20),
+        "the surviving replica holds the guest's pattern"
+    );
+    drop(s2);
+    Ok(())
 }
