@@ -330,7 +330,6 @@ fn stamped_writes_survive_repeated_primary_kills_without_an_io_error_or_a_stale_
     for _ in 0..300 {
         step(&mut s, &mut acked);
     }
-    drop(step);
     assert!(
         checked_reads > reads / 2,
         "most reads hit written blocks ({checked_reads} of {reads})"
