@@ -75,7 +75,13 @@ pub struct PipelineConfig {
     /// When the primary cannot be reached for this long, ask an in-sync secondary to take
     /// over (it checks the primary's health itself first). `None`: never ask.
     pub takeover_after: Option<Duration>,
+    /// Fault injection (tests, drills): servers this client must act as if it cannot reach,
+    /// a one-sided network cut. `None` in production; see `docs/replication.md`.
+    pub cut_servers: Option<CutServers>,
 }
+
+/// The set of server ids a client treats as unreachable (fault injection only).
+pub type CutServers = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
 
 impl PipelineConfig {
     pub fn new(site: &str, volume: &str, authority: Arc<dyn Authority>) -> Self {
@@ -87,6 +93,7 @@ impl PipelineConfig {
             connect_timeout: Duration::from_secs(1),
             retry_backoff: Duration::from_millis(50),
             takeover_after: None,
+            cut_servers: None,
         }
     }
 }
@@ -400,6 +407,17 @@ impl NetSide {
         let Some(p) = info.primary_entry().filter(|p| !p.data_addr.is_empty()) else {
             return;
         };
+        if self.is_cut(&p.server_id) {
+            if let Some(old) = self.link.take() {
+                old.close();
+            }
+            tracing::debug!(server = %p.server_id, "pipeline: primary cut off (fault injection)");
+            let since = *self.unreachable_since.get_or_insert_with(Instant::now);
+            self.shared.status.lock().expect("status").unreachable_ms =
+                Some(since.elapsed().as_millis() as u64);
+            self.maybe_takeover(&info, since).await;
+            return;
+        }
         let same = self
             .link
             .as_ref()
@@ -452,6 +470,35 @@ impl NetSide {
         for p in self.inflight.values_mut() {
             if p.sent_on != cur {
                 p.sent_on = None;
+            }
+        }
+    }
+
+    fn is_cut(&self, server_id: &str) -> bool {
+        self.cfg
+            .cut_servers
+            .as_ref()
+            .is_some_and(|c| c.lock().expect("cut set").contains(server_id))
+    }
+
+    /// A cut injected while connected drops the connection, as a real cut would.
+    fn apply_cut(&mut self) {
+        let cut_now = self.link.is_some()
+            && self
+                .last_info
+                .as_ref()
+                .and_then(|i| i.primary.as_deref())
+                .is_some_and(|p| self.is_cut(p));
+        if cut_now {
+            let lid = self.link.take().map(|l| {
+                l.close();
+                l.id()
+            });
+            self.need_refresh = true;
+            for p in self.inflight.values_mut() {
+                if p.sent_on == lid {
+                    p.sent_on = None;
+                }
             }
         }
     }
@@ -644,6 +691,9 @@ impl NetSide {
     async fn run(mut self) {
         loop {
             self.drain_submissions();
+            if self.cfg.cut_servers.is_some() {
+                self.apply_cut();
+            }
             if self.shared.stop.load(Ordering::SeqCst) && self.inflight.is_empty() {
                 self.signal_completions();
                 return;

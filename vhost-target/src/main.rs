@@ -58,6 +58,10 @@ struct ServeArgs {
     /// poll, interrupt or adaptive.
     #[arg(long, default_value = "adaptive")]
     poll_mode: PollMode,
+    /// Serve the fault-injection method bdev_replicated_cut (tests and drills, never
+    /// production).
+    #[arg(long)]
+    enable_fault_injection: bool,
 }
 
 #[derive(Args)]
@@ -130,6 +134,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         vhost_socket_dir,
         core_mask,
         default_poll_mode: args.poll_mode,
+        fault_injection: args.enable_fault_injection,
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

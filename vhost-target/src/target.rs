@@ -136,6 +136,8 @@ pub struct TargetSettings {
     pub core_mask: CpuSet,
     /// Poll mode of controllers created without `poll_mode`.
     pub default_poll_mode: PollMode,
+    /// Fault-injection methods (`bdev_replicated_cut`) are served: tests and drills only.
+    pub fault_injection: bool,
 }
 
 impl Default for TargetSettings {
@@ -144,6 +146,7 @@ impl Default for TargetSettings {
             vhost_socket_dir: PathBuf::from("."),
             core_mask: CpuSet::online(),
             default_poll_mode: PollMode::default(),
+            fault_injection: false,
         }
     }
 }
@@ -271,11 +274,30 @@ impl Target {
 
     /// Creates a replicated bdev (`bdev_replicated_create`) encrypted with the named key.
     /// Blocks until the volume's label was read (or written) through its primary.
-    pub fn create_replicated_bdev(&mut self, opts: ReplicatedOptions) -> Result<String> {
+    pub fn create_replicated_bdev(&mut self, mut opts: ReplicatedOptions) -> Result<String> {
         self.check_new_bdev_name(&opts.name)?;
+        if self.settings.fault_injection {
+            opts.cut_servers = Some(Default::default());
+        }
         let key = self.keyring.get(&opts.key_name)?;
         let bdev = ReplicatedBdev::open(opts, key)?;
         self.register_bdev(Arc::new(bdev))
+    }
+
+    /// Fault injection: the replicated bdev `name` acts as if it could not reach `servers`.
+    pub fn cut_replicated(&mut self, name: &str, servers: &[String]) -> Result<()> {
+        let b = self.bdev(name)?;
+        let r = b.as_any().downcast_ref::<ReplicatedBdev>().ok_or_else(|| {
+            TargetError::WrongBdevKind {
+                name: name.to_owned(),
+                expected: "replicated",
+                actual: b.kind(),
+            }
+        })?;
+        r.set_cut(servers)
+            .map_err(|e| TargetError::InvalidParam(e.into()))?;
+        tracing::warn!(bdev = name, ?servers, "fault injection: cut");
+        Ok(())
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -569,6 +591,9 @@ pub(crate) mod fakes {
         fn kind(&self) -> &'static str {
             self.kind
         }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
         fn create_params(&self) -> serde_json::Value {
             serde_json::json!({
                 "name": self.info.name,
@@ -612,6 +637,7 @@ pub(crate) mod fakes {
                 vhost_socket_dir: PathBuf::from("/tmp/tandem-test"),
                 core_mask: CpuSet::parse("0x3").expect("valid mask"),
                 default_poll_mode: PollMode::Adaptive,
+                fault_injection: false,
             },
             starter(),
         )
@@ -789,6 +815,7 @@ mod tests {
             vhost_socket_dir: dir.to_owned(),
             core_mask: CpuSet::parse("0x1").unwrap(),
             default_poll_mode: PollMode::Interrupt,
+            fault_injection: false,
         })
     }
 

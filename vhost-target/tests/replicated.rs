@@ -164,6 +164,18 @@ fn replicated_disk_keeps_only_ciphertext_on_both_servers_and_survives_a_fresh_at
             .contains("no-such-volume"),
         "{e}"
     );
+    // Fault injection is refused unless the daemon was started for it.
+    let e = t.try_call(
+        "bdev_replicated_cut",
+        json!({"name": "Rep0", "servers": ["s1"]}),
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--enable-fault-injection"),
+        "{e}"
+    );
     // A key a bdev uses cannot be removed.
     let e = t.try_call("keyring_file_remove_key", json!({"name": "k0"}));
     assert_eq!(e["error"]["code"], -(libc::EBUSY as i64), "{e}");
@@ -363,4 +375,111 @@ fn stamped_writes_survive_repeated_primary_kills_without_an_io_error_or_a_stale_
          requests retried, longest request {worst:?}",
         acked.len()
     );
+}
+
+/// Multi-attach: two targets attach one volume. Target A is cut off from the primary (the
+/// target's fault injector, a one-sided cut: A cannot reach s1, B and the servers can). A asks
+/// the secondary to take over; the secondary finds the primary healthy and refuses, so no
+/// failover happens; A's request waits and A reports the primary unreachable, while B keeps
+/// writing. Then the primary really dies: exactly one failover, and both targets move to the
+/// new primary, A's waiting write included.
+#[test]
+fn multi_attach_one_sided_cut_causes_no_failover_and_a_real_death_causes_one() {
+    use std::time::Instant;
+    const VOL: &str = "vol-m";
+    let root = tempfile::tempdir().unwrap();
+    let au = TestAuthority::start();
+    let (mut s1, _s2) = site(root.path(), &au, VOL);
+    let key = key_file(root.path(), "k", 9);
+    let attach = |t: &Target| -> PathBuf {
+        t.call("keyring_file_add_key", json!({"name": "k", "path": key}));
+        t.call(
+            "bdev_replicated_create",
+            replicated_params(&au, "Rep0", VOL, "k"),
+        );
+        t.controller("vhost.m", "Rep0", json!({}))
+    };
+    let ta = Target::start_with(&[OsStr::new("--enable-fault-injection")]);
+    let tb = Target::start();
+    let (sock_a, sock_b) = (attach(&ta), attach(&tb));
+    let mut sb = session(&sock_b);
+    let a_block = pattern(4096, 0xa);
+    let a_thread = {
+        let a_block = a_block.clone();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            let mut sa = session(&sock_a);
+            sa.write(0, &pattern(4096, 0x1)).unwrap();
+            ready_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            // Waits while A is cut off; completes once there is a primary A can reach.
+            let t0 = Instant::now();
+            let r = sa.write(4096, &a_block);
+            (r.map_err(|e| e.to_string()), t0.elapsed())
+        });
+        ready_rx.recv().unwrap();
+        (h, go_tx)
+    };
+    sb.write(8192, &pattern(4096, 0xb)).unwrap();
+
+    // The one-sided cut.
+    ta.call(
+        "bdev_replicated_cut",
+        json!({"name": "Rep0", "servers": ["s1"]}),
+    );
+    a_thread.1.send(()).unwrap();
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut b_writes = 0u64;
+    while Instant::now() < until {
+        sb.write(8192 + 4096 * (b_writes % 16), &pattern(4096, b_writes))
+            .unwrap();
+        b_writes += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let i = au.info(VOL);
+    assert_eq!(
+        (i.primary.as_deref(), i.epoch),
+        (Some("s1"), 1),
+        "no failover"
+    );
+    assert!(
+        !a_thread.0.is_finished(),
+        "A's write waits while A is cut off"
+    );
+    let ra =
+        &ta.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0]["driver_specific"]["replicated"];
+    assert!(
+        ra["unreachable_ms"].as_u64().unwrap_or(0) >= 1000,
+        "A reports the primary unreachable: {ra}"
+    );
+    assert!(
+        ta.log().contains("takeover refused"),
+        "A asked the secondary, which refused"
+    );
+
+    // The primary really dies: one failover, both targets go on at s2.
+    s1.kill9();
+    let (a_result, a_wait) = a_thread.0.join().unwrap();
+    a_result.expect("A's waiting write completes at the new primary");
+    sb.write(12288, &pattern(4096, 0xc)).unwrap();
+    let i = au.info(VOL);
+    assert_eq!(
+        (i.primary.as_deref(), i.epoch),
+        (Some("s2"), 2),
+        "one failover"
+    );
+    let mut back = vec![0u8; 4096];
+    sb.read(4096, &mut back).unwrap();
+    assert_eq!(back, a_block, "B reads A's write");
+    for t in [&ta, &tb] {
+        let r =
+            &t.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0]["driver_specific"]["replicated"];
+        assert_eq!(
+            (r["primary"].as_str(), r["epoch"].as_u64()),
+            (Some("s2"), Some(2)),
+            "{r}"
+        );
+    }
+    println!("multi-attach: B wrote {b_writes} blocks during A's cut; A's write waited {a_wait:?}");
 }

@@ -235,6 +235,10 @@ impl Bdev for MallocBdev {
         "malloc"
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn create_params(&self) -> serde_json::Value {
         json!({
             "name": self.info.name,

@@ -197,4 +197,7 @@ pub trait Bdev: Send + Sync + 'static {
 
     /// The `params` of the creating RPC, so `save_config` can replay it.
     fn create_params(&self) -> serde_json::Value;
+
+    /// For control-path methods that only one kind of bdev has.
+    fn as_any(&self) -> &dyn std::any::Any;
 }

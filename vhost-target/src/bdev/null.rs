@@ -77,6 +77,10 @@ impl Bdev for NullBdev {
         "null"
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn create_params(&self) -> serde_json::Value {
         json!({
             "name": self.info.name,

@@ -391,6 +391,10 @@ impl Bdev for UringBdev {
         }
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn create_params(&self) -> serde_json::Value {
         let filename = self.opts.filename.display().to_string();
         match self.opts.kind {

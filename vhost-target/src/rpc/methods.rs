@@ -39,6 +39,7 @@ const METHODS: &[(&str, Handler)] = &[
     ("bdev_aio_delete", bdev_aio_delete),
     ("bdev_replicated_create", bdev_replicated_create),
     ("bdev_replicated_delete", bdev_replicated_delete),
+    ("bdev_replicated_cut", bdev_replicated_cut),
     ("keyring_file_add_key", keyring_file_add_key),
     ("keyring_file_remove_key", keyring_file_remove_key),
     ("keyring_get_keys", keyring_get_keys),
@@ -372,8 +373,25 @@ fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
             ReplicatedOptions::DEFAULT_TAKEOVER_AFTER,
             "takeover_after_ms",
         )?,
+        cut_servers: None,
     };
     Ok(json!(t.create_replicated_bdev(opts)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CutParams {
+    name: String,
+    /// Server ids this bdev acts as if it cannot reach; empty heals.
+    servers: Vec<String>,
+}
+
+/// Fault injection (Tandem only, with `--enable-fault-injection`): a one-sided network cut
+/// between this target and some replicator servers.
+fn bdev_replicated_cut(t: &mut Target, p: Value) -> Result<Value, RpcError> {
+    let p: CutParams = parse(p)?;
+    t.cut_replicated(&p.name, &p.servers)?;
+    Ok(json!(true))
 }
 
 fn bdev_replicated_delete(t: &mut Target, p: Value) -> Result<Value, RpcError> {

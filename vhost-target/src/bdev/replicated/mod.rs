@@ -47,6 +47,8 @@ pub struct ReplicatedOptions {
     /// When the primary cannot be reached for this long, ask an in-sync secondary to take
     /// over; it checks the primary's health first and refuses while the primary is healthy.
     pub takeover_after: Duration,
+    /// Set when the daemon serves fault injection (`--enable-fault-injection`).
+    pub cut_servers: Option<replicator::pipeline::CutServers>,
 }
 
 impl ReplicatedOptions {
@@ -125,6 +127,7 @@ impl ReplicatedBdev {
         let mut cfg = PipelineConfig::new(&opts.site, &opts.volume, authority);
         cfg.request_timeout = opts.io_timeout;
         cfg.takeover_after = Some(opts.takeover_after);
+        cfg.cut_servers = opts.cut_servers.clone();
         let pipeline = ReplicationPipeline::start(cfg).map_err(channel_err)?;
         let formatted = Self::check_label(&pipeline, &opts, &key)?;
 
@@ -201,6 +204,15 @@ impl ReplicatedBdev {
         self.pipeline.status()
     }
 
+    /// Fault injection: act as if `servers` could not be reached (empty: heal).
+    pub fn set_cut(&self, servers: &[String]) -> Result<(), &'static str> {
+        let cut = self.opts.cut_servers.as_ref().ok_or(
+            "fault injection is off: start vhost-target serve with --enable-fault-injection",
+        )?;
+        *cut.lock().expect("cut set") = servers.iter().cloned().collect();
+        Ok(())
+    }
+
     pub fn key_name(&self) -> &str {
         &self.opts.key_name
     }
@@ -256,6 +268,10 @@ impl Bdev for ReplicatedBdev {
 
     fn kind(&self) -> &'static str {
         "replicated"
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn create_params(&self) -> serde_json::Value {
