@@ -15,6 +15,7 @@ pub mod config;
 pub mod cpumask;
 pub mod keyring;
 pub mod loadgen;
+pub mod metrics;
 pub mod rpc;
 pub mod target;
 pub mod vhost;

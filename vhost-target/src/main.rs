@@ -62,6 +62,10 @@ struct ServeArgs {
     /// production).
     #[arg(long)]
     enable_fault_injection: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9300; port 0 picks
+    /// one, logged at start). Off unless given.
+    #[arg(long)]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Args)]
@@ -161,10 +165,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     drop(init);
     tracing::info!(socket = %server.path().display(), "JSON-RPC server listening");
+    let metrics = match &args.metrics_addr {
+        Some(a) => {
+            let m = vhost_target::metrics::MetricsServer::start(a, target.clone())
+                .with_context(|| format!("--metrics-addr {a}"))?;
+            tracing::info!(addr = %m.addr(), "metrics listening");
+            Some(m)
+        }
+        None => None,
+    };
 
     let sig = wait_for_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
     server.shutdown();
+    drop(metrics);
     target.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

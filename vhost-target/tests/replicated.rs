@@ -264,7 +264,7 @@ fn stamped_writes_survive_repeated_primary_kills_without_an_io_error_or_a_stale_
     let au = TestAuthority::start();
     let (a, b) = site(root.path(), &au, VOL);
     let mut servers = [a, b];
-    let t = Target::start();
+    let t = Target::start_with(&[OsStr::new("--metrics-addr"), OsStr::new("127.0.0.1:0")]);
     let k = key_file(root.path(), "k", 5);
     t.call("keyring_file_add_key", json!({"name": "k", "path": k}));
     t.call(
@@ -368,6 +368,32 @@ fn stamped_writes_survive_repeated_primary_kills_without_an_io_error_or_a_stale_
     assert!(
         st["primary_changes"].as_u64().unwrap() >= KILLS as u64,
         "{st}"
+    );
+    // The same story in Prometheus metrics.
+    let addr = t
+        .log()
+        .lines()
+        .find_map(|l| l.split("metrics listening addr=").nth(1).map(str::to_owned))
+        .expect("metrics address in the log");
+    let page = site::http(addr.trim(), "GET", "/metrics").unwrap();
+    let metric = |name: &str| -> u64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{bdev=\"Rep0\"}} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{page}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        metric("tandem_replicated_primary_changes_total"),
+        st["primary_changes"].as_u64().unwrap()
+    );
+    assert_eq!(
+        metric("tandem_replicated_epoch"),
+        st["epoch"].as_u64().unwrap()
+    );
+    assert_eq!(metric("tandem_bdev_write_ops_total"), writes);
+    assert!(
+        page.contains("tandem_bdev_latency_seconds_bucket{bdev=\"Rep0\",op=\"write\",le=\"+Inf\"}")
     );
     println!(
         "history: {KILLS} primary kills, {writes} writes and {reads} reads checked \

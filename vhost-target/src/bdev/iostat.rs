@@ -9,6 +9,39 @@ use std::sync::{Arc, Mutex};
 
 use super::IoOp;
 
+/// Upper bounds (microseconds) of the latency histogram's buckets; the last bucket is
+/// everything above. Log-spaced from 10 us to 5 s: a polled null request and a request
+/// stalled by a failover both land in a bucket of their own.
+pub const LATENCY_BUCKETS_US: [u64; 18] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000,
+];
+/// Buckets including the overflow one.
+pub const HISTOGRAM_LEN: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// Per-bucket counts (not cumulative) of one channel, written by its one worker.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram([AtomicU64; HISTOGRAM_LEN]);
+
+impl LatencyHistogram {
+    #[inline]
+    fn record(&self, latency_ns: u64) {
+        let us = latency_ns / 1000;
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        let c = &self.0[i];
+        c.store(c.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    fn add_to(&self, out: &mut [u64; HISTOGRAM_LEN]) {
+        for (o, c) in out.iter_mut().zip(&self.0) {
+            *o += c.load(Relaxed);
+        }
+    }
+}
+
 /// Counters of one channel. Written by one thread; read by any.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -26,6 +59,8 @@ pub struct IoCounters {
     pub write_zeroes_bytes: AtomicU64,
     pub flush_ops: AtomicU64,
     pub io_errors: AtomicU64,
+    pub read_latency: LatencyHistogram,
+    pub write_latency: LatencyHistogram,
 }
 
 impl IoCounters {
@@ -46,11 +81,13 @@ impl IoCounters {
                 bump(&self.read_ops, 1);
                 bump(&self.read_bytes, bytes);
                 bump(&self.read_latency_ns, latency_ns);
+                self.read_latency.record(latency_ns);
             }
             IoOp::Write { .. } => {
                 bump(&self.write_ops, 1);
                 bump(&self.write_bytes, bytes);
                 bump(&self.write_latency_ns, latency_ns);
+                self.write_latency.record(latency_ns);
             }
             IoOp::Discard => {
                 bump(&self.unmap_ops, 1);
@@ -82,6 +119,9 @@ pub struct IoSnapshot {
     pub bytes_write_zeroes: u64,
     pub num_flush_ops: u64,
     pub num_io_errors: u64,
+    /// Reads per latency bucket ([`LATENCY_BUCKETS_US`], then the overflow bucket).
+    pub read_latency_histogram: [u64; HISTOGRAM_LEN],
+    pub write_latency_histogram: [u64; HISTOGRAM_LEN],
 }
 
 /// All channels' counters of one bdev. The mutex guards only the list and is
@@ -119,6 +159,8 @@ impl IoStats {
             s.bytes_write_zeroes += c.write_zeroes_bytes.load(Relaxed);
             s.num_flush_ops += c.flush_ops.load(Relaxed);
             s.num_io_errors += c.io_errors.load(Relaxed);
+            c.read_latency.add_to(&mut s.read_latency_histogram);
+            c.write_latency.add_to(&mut s.write_latency_histogram);
         }
         s
     }
@@ -143,5 +185,26 @@ mod tests {
         assert_eq!(s.read_latency_ticks, 15);
         assert_eq!(s.num_write_ops, 1);
         assert_eq!(s.num_io_errors, 1);
+        // 10 ns and 5 ns are in the first bucket; a failed write is in no bucket.
+        assert_eq!(s.read_latency_histogram[0], 2);
+        assert_eq!(s.write_latency_histogram.iter().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn latencies_land_in_their_buckets_and_beyond_the_last_in_overflow() {
+        let stats = IoStats::default();
+        let c = stats.register_channel();
+        for us in [10, 11, 999, 1_000, 1_001, 4_000_000, 60_000_000] {
+            c.record(IoOp::Write { fua: false }, 4096, us * 1000, true);
+        }
+        let h = stats.snapshot().write_latency_histogram;
+        let at = |bound: u64| LATENCY_BUCKETS_US.iter().position(|&b| b == bound).unwrap();
+        assert_eq!(h[at(10)], 1);
+        assert_eq!(h[at(25)], 1);
+        assert_eq!(h[at(1_000)], 2);
+        assert_eq!(h[at(2_500)], 1);
+        assert_eq!(h[at(5_000_000)], 1);
+        assert_eq!(h[HISTOGRAM_LEN - 1], 1);
+        assert_eq!(h.iter().sum::<u64>(), 7);
     }
 }

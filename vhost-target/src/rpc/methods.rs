@@ -590,6 +590,11 @@ fn bdev_get_iostat(t: &mut Target, p: Value) -> Result<Value, RpcError> {
                 "num_write_zeroes_ops": s.num_write_zeroes_ops,
                 "num_flush_ops": s.num_flush_ops,
                 "num_io_errors": s.num_io_errors,
+                // Per-bucket counts; bucket i holds latencies up to
+                // latency_buckets_us[i], the last one everything above.
+                "latency_buckets_us": crate::bdev::iostat::LATENCY_BUCKETS_US,
+                "read_latency_histogram": s.read_latency_histogram,
+                "write_latency_histogram": s.write_latency_histogram,
             })
         })
         .collect();
