@@ -261,7 +261,8 @@ fn stamped_writes_survive_repeated_primary_kills_without_an_io_error_or_a_stale_
     const BLOCKS: u64 = 256;
     const KILLS: usize = 3;
     let root = tempfile::tempdir().unwrap();
-    let au = TestAuthority::start();
+    // The authority's default lease (2 s), so the longest stall reported is the one users get.
+    let au = TestAuthority::start_with_lease(2000);
     let (a, b) = site(root.path(), &au, VOL);
     let mut servers = [a, b];
     let t = Target::start_with(&[OsStr::new("--metrics-addr"), OsStr::new("127.0.0.1:0")]);
@@ -417,17 +418,29 @@ fn multi_attach_one_sided_cut_causes_no_failover_and_a_real_death_causes_one() {
     let au = TestAuthority::start();
     let (mut s1, _s2) = site(root.path(), &au, VOL);
     let key = key_file(root.path(), "k", 9);
-    let attach = |t: &Target| -> PathBuf {
+    // B attaches the device (tier 1 names its authoritative volume), A the volume itself.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = authority::client::AuthorityClient::new(vec![au.addr.clone()]);
+    rt.block_on(c.device_create("dev-m", 64 * MIB, 4096, &[(SITE, VOL)], SITE))
+        .unwrap();
+    let by_device =
+        json!({"name": "Rep0", "authority": au.addr, "device": "dev-m", "key_name": "k"});
+    let attach = |t: &Target, params: Value| -> PathBuf {
         t.call("keyring_file_add_key", json!({"name": "k", "path": key}));
-        t.call(
-            "bdev_replicated_create",
-            replicated_params(&au, "Rep0", VOL, "k"),
-        );
+        t.call("bdev_replicated_create", params);
         t.controller("vhost.m", "Rep0", json!({}))
     };
     let ta = Target::start_with(&[OsStr::new("--enable-fault-injection")]);
     let tb = Target::start();
-    let (sock_a, sock_b) = (attach(&ta), attach(&tb));
+    let sock_a = attach(&ta, replicated_params(&au, "Rep0", VOL, "k"));
+    let sock_b = attach(&tb, by_device);
+    let rb =
+        &tb.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0]["driver_specific"]["replicated"];
+    assert_eq!(
+        (rb["device"].as_str(), rb["volume"].as_str()),
+        (Some("dev-m"), Some(VOL)),
+        "{rb}"
+    );
     let mut sb = session(&sock_b);
     let a_block = pattern(4096, 0xa);
     let a_thread = {

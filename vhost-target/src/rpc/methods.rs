@@ -329,17 +329,14 @@ enum Addresses {
 struct ReplicatedCreateParams {
     name: String,
     authority: Addresses,
-    #[serde(default = "default_site")]
-    site: String,
-    volume: String,
+    /// The device; its authoritative volume is attached. Or `volume` (and `site`).
+    device: Option<String>,
+    site: Option<String>,
+    volume: Option<String>,
     key_name: String,
     uuid: Option<String>,
     io_timeout_ms: Option<u64>,
     takeover_after_ms: Option<u64>,
-}
-
-fn default_site() -> String {
-    "site-a".into()
 }
 
 fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
@@ -356,11 +353,15 @@ fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
         Some(0) => Err(einval(format!("{what} must be above 0"))),
         Some(ms) => Ok(std::time::Duration::from_millis(ms)),
     };
+    if p.device.is_none() && p.volume.is_none() {
+        return Err(einval("give device, or volume (and site)".into()));
+    }
     let opts = ReplicatedOptions {
         name: p.name,
         authority,
-        site: p.site,
-        volume: p.volume,
+        device: p.device,
+        site: p.site.unwrap_or_else(|| "site-a".into()),
+        volume: p.volume.unwrap_or_default(),
         key_name: p.key_name,
         uuid: parse_uuid(p.uuid.as_deref())?,
         io_timeout: ms(

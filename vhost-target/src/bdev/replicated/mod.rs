@@ -36,6 +36,9 @@ pub struct ReplicatedOptions {
     pub name: String,
     /// The authority's JSON-RPC addresses (any member; the client finds the leader).
     pub authority: Vec<String>,
+    /// The device to attach: its authoritative volume (tier 1) is looked up at creation and
+    /// fills `site` and `volume`. `None`: `site` and `volume` name the volume directly.
+    pub device: Option<String>,
     pub site: String,
     pub volume: String,
     /// The keyring entry that encrypts this volume.
@@ -86,7 +89,7 @@ impl ReplicatedBdev {
     /// Looks the volume up in the authority, connects to its primary and checks (or, on a
     /// blank volume, writes) the label. Fails with a clear error for an unknown volume, an
     /// unreachable authority or primary, a wrong key, or a volume that holds foreign data.
-    pub fn open(opts: ReplicatedOptions, key: Arc<VolumeKey>) -> Result<Self, BdevError> {
+    pub fn open(mut opts: ReplicatedOptions, key: Arc<VolumeKey>) -> Result<Self, BdevError> {
         check_name(&opts.name)?;
         if opts.authority.is_empty() {
             return Err(BdevError::InvalidParam(
@@ -99,6 +102,25 @@ impl ReplicatedBdev {
             .enable_all()
             .build()
             .map_err(channel_err)?;
+        if let Some(device) = &opts.device {
+            let client = authority::client::AuthorityClient::new(opts.authority.clone());
+            let d = rt.block_on(client.device_get(device)).map_err(|e| {
+                BdevError::InvalidParam(format!(
+                    "device {device} at authority {}: {e}",
+                    opts.authority.join(",")
+                ))
+            })?;
+            if !opts.volume.is_empty()
+                && (&opts.volume, &opts.site) != (&d.authoritative_volume, &d.authoritative_site)
+            {
+                return Err(BdevError::InvalidParam(format!(
+                    "device {device}'s authoritative volume is {} of {}, not {} of {}",
+                    d.authoritative_volume, d.authoritative_site, opts.volume, opts.site
+                )));
+            }
+            opts.site = d.authoritative_site;
+            opts.volume = d.authoritative_volume;
+        }
         let lookup = ClientAuthority::new(opts.authority.clone(), Duration::from_secs(5));
         let vol = rt
             .block_on(lookup.volume_get(&opts.site, &opts.volume))
@@ -247,6 +269,7 @@ impl Bdev for ReplicatedBdev {
         let s = self.pipeline.status();
         json!({
             "replicated": {
+                "device": self.opts.device,
                 "site": self.opts.site,
                 "volume": self.opts.volume,
                 "authority": self.opts.authority,
@@ -275,11 +298,17 @@ impl Bdev for ReplicatedBdev {
     }
 
     fn create_params(&self) -> serde_json::Value {
+        // A device is looked up again on replay: its authoritative volume may have moved.
+        let (site, volume) = match self.opts.device {
+            Some(_) => (None, None),
+            None => (Some(&self.opts.site), Some(&self.opts.volume)),
+        };
         json!({
             "name": self.info.name,
+            "device": self.opts.device,
             "authority": self.opts.authority,
-            "site": self.opts.site,
-            "volume": self.opts.volume,
+            "site": site,
+            "volume": volume,
             "key_name": self.opts.key_name,
             "uuid": self.info.uuid.to_string(),
             "io_timeout_ms": self.opts.io_timeout.as_millis() as u64,
