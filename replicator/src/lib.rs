@@ -2,10 +2,12 @@
 //! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
 
 pub mod authority;
+pub mod bench;
 pub mod cli;
 pub mod conn;
 pub mod frame;
 pub mod health;
+pub mod local_site;
 pub mod pipeline;
 pub mod server;
 pub mod stamp;
