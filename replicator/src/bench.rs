@@ -347,7 +347,12 @@ fn await_copy(site: &LocalSite, primary: &str, peer: &str, t0: Instant) -> anyho
                 if ct > 0 {
                     total = ct;
                 }
-                if state == "in_sync" && first_progress.is_some() {
+                let at_authority = || {
+                    site.info().is_ok_and(|i| {
+                        i.servers.iter().any(|s| s.server_id == peer && s.in_sync)
+                    })
+                };
+                if state == "in_sync" && first_progress.is_some() && at_authority() {
                     let now = Instant::now();
                     return Ok((
                         now.duration_since(t0).as_secs_f64(),
@@ -433,7 +438,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         cmd.program = p.clone();
     }
     let mut opts = LocalSiteOptions::new("bench", size, cmd);
-    opts.server_log = "warn".into();
+    opts.server_log = std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into());
     opts.server_args = ["--replicate-timeout-ms", "300", "--refresh-ms", "50"]
         .iter()
         .map(|s| s.to_string())

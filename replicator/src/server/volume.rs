@@ -24,6 +24,9 @@ pub const CATCH_UP_DONE: u16 = 2;
 /// How many sequence numbers a primary reserves in its metadata at a time.
 const SEQ_CHUNK: u64 = 1 << 20;
 
+/// How long a catching-up peer may take to write back what it was sent before it joins.
+const CATCH_UP_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a secondary reports when a primary starts catching it up.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerHello {
@@ -1435,6 +1438,30 @@ impl VolumeRuntime {
                 let secs = len as f64 / cfg.rebuild_rate_bytes as f64;
                 tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             }
+        }
+        // A flush while the peer is still catching up (live writes do not wait for it):
+        // writing back everything copied can take far longer than `replicate_timeout`
+        // (seconds after a large rebuild), and the barrier below, which live writes do wait
+        // behind, must not be the one that pays for it — a slow barrier would send the peer
+        // back out of sync, all dirty, again and again.
+        let rx = {
+            let mut sq = self.seq.lock().await;
+            let seq = self.next_seq(&mut sq).await?;
+            let mut rh = self.replicate_header(seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
+            rh.request_id = link.next_request_id();
+            link.send(&rh, &[])
+        };
+        let flush_timeout = cfg.replicate_timeout.max(CATCH_UP_FLUSH_TIMEOUT);
+        let flushed = match rx {
+            Ok(rx) => matches!(
+                tokio::time::timeout(flush_timeout, rx).await,
+                Ok(Ok(Ok(ref f))) if f.header.kind == MsgKind::Ok
+            ),
+            Err(_) => false,
+        };
+        if !flushed || p.state() != PeerState::CatchingUp {
+            self.peer_failed(p, 0, 0, true, epoch).await?;
+            return Err(Fail::new(ErrorCode::ReplicationFailed, "pre-flush failed"));
         }
         // From the barrier's seq on, every write waits for this peer; the barrier's answer
         // proves it applied (durably) everything before.
