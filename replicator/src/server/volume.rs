@@ -24,6 +24,15 @@ pub const CATCH_UP_DONE: u16 = 2;
 /// How many sequence numbers a primary reserves in its metadata at a time.
 const SEQ_CHUNK: u64 = 1 << 20;
 
+/// Activity-log marks cover aligned groups of this many regions (see `activity_mark`).
+const ACTIVITY_GROUP: u64 = 16;
+
+/// Region copies a catch-up keeps in flight.
+const CATCH_UP_WINDOW: usize = 8;
+
+/// The answer to one region copy.
+type CopyAnswer = tokio::sync::oneshot::Receiver<Result<crate::frame::Frame, crate::conn::LinkError>>;
+
 /// How long a catching-up peer may take to write back what it was sent before it joins.
 const CATCH_UP_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -209,6 +218,9 @@ pub struct VolumeRuntime {
     activity: Arc<Mutex<DirtyBitmap>>,
     /// Writes in flight per region, from their activity mark until every peer answered.
     active_writes: Arc<Mutex<std::collections::HashMap<u64, u32>>>,
+    /// Regions written since the activity cleaner's last pass: a hot region stays marked,
+    /// so it does not pay a mark (a disk write and fdatasync) again after every pass.
+    activity_recent: Arc<Mutex<std::collections::HashSet<u64>>>,
     pub stats: VolumeStats,
 }
 
@@ -269,6 +281,7 @@ impl VolumeRuntime {
             renewing: tokio::sync::Mutex::new(()),
             activity,
             active_writes: Arc::default(),
+            activity_recent: Arc::default(),
             stats: VolumeStats::default(),
         }))
     }
@@ -784,6 +797,11 @@ impl VolumeRuntime {
                 None
             } else {
                 self.activity_mark(off, len).await?;
+                {
+                    let rs = self.ctx.config.region_size;
+                    let mut recent = self.activity_recent.lock().expect("activity recent");
+                    recent.extend(off / rs..(off + len.max(1) - 1) / rs + 1);
+                }
                 Some(ActiveWrite::enter(
                     &self.active_writes,
                     off,
@@ -851,21 +869,30 @@ impl VolumeRuntime {
     }
 
     /// Records durably, before a write is sent anywhere, that its regions may have a write
-    /// in flight (called under the sequencer lock). Only a region's first write since the
-    /// last clean costs a disk write.
+    /// in flight (called under the sequencer lock). Only a region's first write since it
+    /// was cleaned costs a disk write, and that write marks the whole aligned group of
+    /// `ACTIVITY_GROUP` regions around it: a sequential stream pays one fdatasync per group,
+    /// not per region (measured: one per region held 128k sequential writes to ~170 MB/s and
+    /// random 4k writes to ~1k IOPS, each mark serialised under the sequencer lock).
     async fn activity_mark(&self, off: u64, len: u64) -> Result<(), Fail> {
         if self.activity.lock().expect("activity").covers(off, len) {
             return Ok(());
         }
+        let group = self.ctx.config.region_size * ACTIVITY_GROUP;
+        let start = off / group * group;
+        let end = (off + len.max(1)).div_ceil(group) * group;
+        let size = self.replica.size_bytes();
+        let (m_off, m_len) = (start, end.min(size) - start);
         let a = self.activity.clone();
-        tokio::task::spawn_blocking(move || a.lock().expect("activity").mark(off, len))
+        tokio::task::spawn_blocking(move || a.lock().expect("activity").mark(m_off, m_len))
             .await
             .expect("activity task")
             .map_err(|e| Fail::new(ErrorCode::Io, format!("persisting activity log: {e}")))
     }
 
-    /// Every second, clears the activity bits of regions with no write in flight. Runs under
-    /// the sequencer lock, so no write is between its mark and its registration.
+    /// Every second, clears the activity bits of regions with no write in flight and none
+    /// since the last pass. Runs under the sequencer lock, so no write is between its mark
+    /// and its registration.
     async fn activity_cleaner(self: Arc<Self>, epoch: u64) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -875,12 +902,13 @@ impl VolumeRuntime {
             let _sq = self.seq.lock().await;
             let a = self.activity.clone();
             let busy = self.active_writes.clone();
+            let recent = std::mem::take(&mut *self.activity_recent.lock().expect("activity recent"));
             let r = tokio::task::spawn_blocking(move || {
                 let mut a = a.lock().expect("activity");
                 let busy = busy.lock().expect("active writes");
                 let mut cleared = false;
                 for r in a.dirty_list() {
-                    if !busy.contains_key(&r) {
+                    if !busy.contains_key(&r) && !recent.contains(&r) {
                         a.clear_region(r);
                         cleared = true;
                     }
@@ -1308,6 +1336,19 @@ impl VolumeRuntime {
         }
     }
 
+    /// The copies still in flight when a catch-up stops: their bits were cleared when they
+    /// were sent, so they are marked again (durably) before the peer is retried.
+    async fn copies_lost(
+        &self,
+        p: &Peer,
+        window: &std::collections::VecDeque<(u64, u64, CopyAnswer)>,
+    ) -> Result<(), Fail> {
+        for (off, len, _) in window {
+            p.mark(*off, *len, false).await?;
+        }
+        Ok(())
+    }
+
     async fn tell_in_sync(&self, p: &Peer, epoch: u64) {
         let cfg = &self.ctx.config;
         match self
@@ -1370,56 +1411,85 @@ impl VolumeRuntime {
         let size = self.replica.size_bytes();
         let mut cursor = 0;
         let mut since_persist = 0;
+        // Copies in flight, oldest first: up to `CATCH_UP_WINDOW` regions are on the wire at
+        // once, so the copy is not one round trip per region (measured: ~200 MB/s serial).
+        // Each is sequenced like a write, so the window changes nothing about ordering.
+        let mut window: std::collections::VecDeque<(u64, u64, CopyAnswer)> =
+            std::collections::VecDeque::new();
         loop {
             if !self.is_primary_at(epoch) {
                 return Err(Fail::new(ErrorCode::LeaseExpired, "no longer primary"));
             }
             if p.state() != PeerState::CatchingUp {
+                self.copies_lost(p, &window).await?;
                 return Err(Fail::new(
                     ErrorCode::ReplicationFailed,
                     "a live write to the peer failed",
                 ));
             }
-            let next = {
+            let next = if window.len() < CATCH_UP_WINDOW {
                 let bm = p.bitmap.lock().expect("bitmap");
                 bm.next_dirty(cursor).or_else(|| bm.next_dirty(0))
+            } else {
+                None
             };
-            let Some(region) = next else { break };
-            let off = region * region_size;
-            let len = region_size.min(size - off);
-            let rx = {
-                let mut sq = self.seq.lock().await;
-                let seq = self.next_seq(&mut sq).await?;
-                let mut t = self
-                    .overlap
-                    .register(seq, off, len, false)
-                    .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
-                // Reading after every earlier overlapping write and before any later one
-                // (they wait for this ticket) is what orders the copy in the stream.
-                t.ready().await;
-                let rep = self.replica.clone();
-                let data = tokio::task::spawn_blocking(move || rep.read_at(off, len as u32))
-                    .await
-                    .expect("store task")
-                    .map_err(store_fail)?;
-                p.bitmap.lock().expect("bitmap").clear_region(region);
-                let (g, _) = self.fence();
-                let mut rh = self.replicate_header(seq, ReplicaOp::Write, FLAG_CATCH_UP, g, epoch);
-                rh.offset = off;
-                rh.length = len as u32;
-                rh.request_id = link.next_request_id();
-                let rx = link.send(&rh, &data);
-                drop(t);
-                rx
+            // A region whose copy is still in flight has its bit cleared, so it is not found
+            // again unless a live write failed to reach the peer since (then it must go again,
+            // after the copy in flight: it is sequenced after it).
+            if let Some(region) = next {
+                let off = region * region_size;
+                let len = region_size.min(size - off);
+                let rx = {
+                    let mut sq = self.seq.lock().await;
+                    let seq = self.next_seq(&mut sq).await?;
+                    let mut t = self
+                        .overlap
+                        .register(seq, off, len, false)
+                        .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
+                    // Reading after every earlier overlapping write and before any later one
+                    // (they wait for this ticket) is what orders the copy in the stream.
+                    t.ready().await;
+                    let rep = self.replica.clone();
+                    let data = tokio::task::spawn_blocking(move || rep.read_at(off, len as u32))
+                        .await
+                        .expect("store task")
+                        .map_err(store_fail)?;
+                    p.bitmap.lock().expect("bitmap").clear_region(region);
+                    let (g, _) = self.fence();
+                    let mut rh =
+                        self.replicate_header(seq, ReplicaOp::Write, FLAG_CATCH_UP, g, epoch);
+                    rh.offset = off;
+                    rh.length = len as u32;
+                    rh.request_id = link.next_request_id();
+                    let rx = link.send(&rh, &data);
+                    drop(t);
+                    rx
+                };
+                match rx {
+                    Ok(rx) => window.push_back((off, len, rx)),
+                    Err(_) => {
+                        self.copies_lost(p, &window).await?;
+                        self.peer_failed(p, off, len, false, epoch).await?;
+                        return Err(Fail::new(ErrorCode::ReplicationFailed, "region copy failed"));
+                    }
+                }
+                cursor = region + 1;
+                if cfg.rebuild_rate_bytes > 0 {
+                    let secs = len as f64 / cfg.rebuild_rate_bytes as f64;
+                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                }
+                continue;
+            }
+            // The window is full, or no dirty region is left: wait for the oldest copy.
+            let Some((off, len, rx)) = window.pop_front() else {
+                break;
             };
-            let ok = match rx {
-                Ok(rx) => matches!(
-                    tokio::time::timeout(cfg.replicate_timeout, rx).await,
-                    Ok(Ok(Ok(ref f))) if f.header.kind == MsgKind::Ok
-                ),
-                Err(_) => false,
-            };
+            let ok = matches!(
+                tokio::time::timeout(cfg.replicate_timeout, rx).await,
+                Ok(Ok(Ok(ref f))) if f.header.kind == MsgKind::Ok
+            );
             if !ok {
+                self.copies_lost(p, &window).await?;
                 self.peer_failed(p, off, len, false, epoch).await?;
                 return Err(Fail::new(
                     ErrorCode::ReplicationFailed,
@@ -1428,15 +1498,10 @@ impl VolumeRuntime {
             }
             self.stats.copies_sent.fetch_add(1, Ordering::Relaxed);
             p.copy_done.fetch_add(1, Ordering::Relaxed);
-            cursor = region + 1;
             since_persist += 1;
             if since_persist >= 64 {
                 p.persist_bitmap().await;
                 since_persist = 0;
-            }
-            if cfg.rebuild_rate_bytes > 0 {
-                let secs = len as f64 / cfg.rebuild_rate_bytes as f64;
-                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
             }
         }
         // A flush while the peer is still catching up (live writes do not wait for it):
