@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// Local writer threads (0: min(depth, cores)).
     #[arg(long, default_value_t = 0)]
     pub local_threads: usize,
+    /// More flags for every `replicator serve` (e.g. `--server-arg=--worker-threads=1`).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
     /// Program that runs a server (default: this executable, `serve`).
     #[arg(long)]
     pub server_program: Option<PathBuf>,
@@ -442,6 +445,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     opts.server_args = ["--replicate-timeout-ms", "300", "--refresh-ms", "50"]
         .iter()
         .map(|s| s.to_string())
+        .chain(a.server_args.iter().cloned())
         .collect();
     let mut site = LocalSite::start(&a.dir.join("site"), opts)?;
     let primary = site.primary().context("no primary")?;

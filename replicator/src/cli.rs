@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Allow POST /fault on the admin port (tests only).
     #[arg(long)]
     pub enable_fault_injection: bool,
+    /// Runtime threads serving connections (0: one per core; 1: a single-threaded runtime,
+    /// no cross-thread wake-ups per request, for a server on a small machine).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 #[derive(Parser, Debug)]
@@ -187,9 +191,16 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         a.authority,
         Duration::from_millis(a.authority_timeout_ms.max(1)),
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match a.worker_threads {
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(crate::server::serve(cfg, authority))
 }
 

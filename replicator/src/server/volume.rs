@@ -843,8 +843,8 @@ impl VolumeRuntime {
             p.mark(off, len, false).await?;
         }
         ticket.ready().await;
-        let rep = self.replica.clone();
-        let local = tokio::task::spawn_blocking(move || {
+        let may_block = fua || op != WriteOp::Write;
+        let local = store_op(&self.replica, may_block, move |rep| {
             match op {
                 WriteOp::Write => rep.write_at(off, &payload)?,
                 WriteOp::WriteZeroes | WriteOp::Discard => rep.punch_zeroes(off, len)?,
@@ -854,8 +854,7 @@ impl VolumeRuntime {
             }
             Ok::<_, StoreError>(())
         })
-        .await
-        .expect("store task");
+        .await;
         drop(ticket);
         self.await_peers(sends, off, len, false, e).await?;
         local.map_err(store_fail)?;
@@ -1026,11 +1025,9 @@ impl VolumeRuntime {
 
     pub async fn client_read(&self, h: &Header) -> Result<Vec<u8>, Fail> {
         let (_, e) = self.check_primary(h)?;
-        let rep = self.replica.clone();
         let (off, len) = (h.offset, h.length);
-        let r = tokio::task::spawn_blocking(move || rep.read_at(off, len))
+        let r = store_op(&self.replica, false, move |rep| rep.read_at(off, len))
             .await
-            .expect("store task")
             .map_err(store_fail);
         if r.is_ok() && !self.lease.valid(e) {
             return Err(Fail::new(ErrorCode::LeaseExpired, "lease ran out"));
@@ -1153,9 +1150,9 @@ impl VolumeRuntime {
             ));
         }
         ticket.ready().await;
-        let rep = self.replica.clone();
         let (off, len, fua) = (h.offset, h.length as u64, h.flags & FLAG_FUA != 0);
-        let r = tokio::task::spawn_blocking(move || {
+        let may_block = fua || op != ReplicaOp::Write;
+        let r = store_op(&self.replica, may_block, move |rep| {
             match op {
                 ReplicaOp::Write => rep.write_at(off, &payload)?,
                 ReplicaOp::WriteZeroes | ReplicaOp::Discard => rep.punch_zeroes(off, len)?,
@@ -1166,8 +1163,7 @@ impl VolumeRuntime {
             }
             Ok::<_, StoreError>(())
         })
-        .await
-        .expect("store task");
+        .await;
         drop(ticket);
         match &r {
             Ok(()) => {
@@ -1449,11 +1445,11 @@ impl VolumeRuntime {
                     // Reading after every earlier overlapping write and before any later one
                     // (they wait for this ticket) is what orders the copy in the stream.
                     t.ready().await;
-                    let rep = self.replica.clone();
-                    let data = tokio::task::spawn_blocking(move || rep.read_at(off, len as u32))
-                        .await
-                        .expect("store task")
-                        .map_err(store_fail)?;
+                    let data = store_op(&self.replica, false, move |rep| {
+                        rep.read_at(off, len as u32)
+                    })
+                    .await
+                    .map_err(store_fail)?;
                     p.bitmap.lock().expect("bitmap").clear_region(region);
                     let (g, _) = self.fence();
                     let mut rh =
@@ -1605,6 +1601,26 @@ pub fn fence_step(
 
 /// Runs a short blocking store call (an fsync of `meta.json`) from async code without
 /// stalling the runtime's other tasks on this thread.
+/// Runs one data-file operation. A positioned read or write that lands in the page cache
+/// takes microseconds, less than handing it to tokio's blocking pool and back (two thread
+/// wake-ups per request: the largest cost in the server's profile, see
+/// docs/replication-performance.md), so it runs right here. What may block for long goes to
+/// the blocking pool: an fdatasync, a hole punch (`may_block`), and every operation while a
+/// fault is injected (an injected stall must not hold a runtime thread).
+async fn store_op<T: Send + 'static>(
+    rep: &Arc<VolumeReplica>,
+    may_block: bool,
+    f: impl FnOnce(&VolumeReplica) -> T + Send + 'static,
+) -> T {
+    if !may_block && !rep.faults.any() {
+        return f(rep);
+    }
+    let rep = rep.clone();
+    tokio::task::spawn_blocking(move || f(&rep))
+        .await
+        .expect("store task")
+}
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
