@@ -153,7 +153,21 @@ pub enum ClientOp {
     },
 }
 
+/// Keeps freed frame buffers in the process instead of returning them to the kernel.
+/// glibc serves allocations of 128 KiB and more with mmap and trims its heap eagerly, so
+/// every 128k write frame cost fresh pages (page faults and zeroing) on the client, the
+/// primary and the secondary — seen as `brk`/page-fault time in the server's profile
+/// (docs/replication-performance.md). Buffer pools would be the real fix.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 pub fn main() -> anyhow::Result<()> {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
