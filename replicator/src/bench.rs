@@ -218,7 +218,9 @@ fn replicated_throughput(
             None => Instant::now() < end,
         };
         while more && w.inflight() < depth && max_ops.is_none_or(|m| sent < m) {
-            if w.submit(write_req(sent, offs.next(&mut rng), &buf)).is_err() {
+            if w.submit(write_req(sent, offs.next(&mut rng), &buf))
+                .is_err()
+            {
                 break;
             }
             sent += 1;
@@ -333,7 +335,12 @@ fn loopback_rtt(secs: f64) -> anyhow::Result<Latency> {
 
 /// Waits until the primary reports `peer` in sync; returns (seconds from `t0`, copy phase
 /// seconds: first progress seen to in sync, regions copied).
-fn await_copy(site: &LocalSite, primary: &str, peer: &str, t0: Instant) -> anyhow::Result<(f64, f64, u64)> {
+fn await_copy(
+    site: &LocalSite,
+    primary: &str,
+    peer: &str,
+    t0: Instant,
+) -> anyhow::Result<(f64, f64, u64)> {
     let p = site.server(primary)?;
     let vol = site.opts.volume.clone();
     let mut first_progress: Option<Instant> = None;
@@ -351,15 +358,15 @@ fn await_copy(site: &LocalSite, primary: &str, peer: &str, t0: Instant) -> anyho
                     total = ct;
                 }
                 let at_authority = || {
-                    site.info().is_ok_and(|i| {
-                        i.servers.iter().any(|s| s.server_id == peer && s.in_sync)
-                    })
+                    site.info()
+                        .is_ok_and(|i| i.servers.iter().any(|s| s.server_id == peer && s.in_sync))
                 };
                 if state == "in_sync" && first_progress.is_some() && at_authority() {
                     let now = Instant::now();
                     return Ok((
                         now.duration_since(t0).as_secs_f64(),
-                        now.duration_since(first_progress.expect("set")).as_secs_f64(),
+                        now.duration_since(first_progress.expect("set"))
+                            .as_secs_f64(),
                         total,
                     ));
                 }
@@ -377,8 +384,7 @@ fn wait_degraded(site: &LocalSite, primary: &str) -> anyhow::Result<()> {
     let p = site.server(primary)?;
     let end = Instant::now() + Duration::from_secs(30);
     while Instant::now() < end {
-        if p
-            .volume_health(&site.opts.volume)
+        if p.volume_health(&site.opts.volume)
             .is_some_and(|h| h["degraded"] == true && h["accepting_io"] == true)
         {
             return Ok(());
@@ -495,7 +501,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         wait_degraded(&site, &primary)?;
         let t0 = Instant::now();
         site.restart(&secondary)?;
-        let (catchup_secs, catchup_copy_secs, regions) = await_copy(&site, &primary, &secondary, t0)?;
+        let (catchup_secs, catchup_copy_secs, regions) =
+            await_copy(&site, &primary, &secondary, t0)?;
         let catchup_mb = (regions * MIB) as f64 / 1e6;
 
         // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
@@ -505,7 +512,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&sdir)?;
         let t0 = Instant::now();
         site.restart(&secondary)?;
-        let (rebuild_secs, rebuild_copy_secs, regions) = await_copy(&site, &primary, &secondary, t0)?;
+        let (rebuild_secs, rebuild_copy_secs, regions) =
+            await_copy(&site, &primary, &secondary, t0)?;
         let rebuild_mb = (regions * MIB) as f64 / 1e6;
         site.wait_in_sync(Duration::from_secs(60))?;
 
@@ -597,7 +605,11 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
             r.rtt.p50_us,
             r.rtt.p99_us,
             budget,
-            if r.repl_qd1.p50_us <= budget { "yes" } else { "no" }
+            if r.repl_qd1.p50_us <= budget {
+                "yes"
+            } else {
+                "no"
+            }
         );
     }
     println!(

@@ -206,7 +206,9 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         Duration::from_millis(a.authority_timeout_ms.max(1)),
     ));
     let rt = match a.worker_threads {
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
@@ -371,7 +373,10 @@ fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
         ServerCommand::current_exe_serve()?,
     );
     opts.lease_ms = a.lease_ms;
-    eprintln!("starting an authority and servers s1, s2 under {} ...", a.dir.display());
+    eprintln!(
+        "starting an authority and servers s1, s2 under {} ...",
+        a.dir.display()
+    );
     let mut site = LocalSite::start(&a.dir, opts)?;
     let exe = std::env::current_exe()?;
     let exe = exe.display();
@@ -379,7 +384,10 @@ fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
         "{exe} client --authority {} --site {} --volume {}",
         site.authority_addr, site.opts.site, site.opts.volume
     );
-    println!("local site up: authority {}, volume {} ({} MiB)", site.authority_addr, a.volume, a.size_mib);
+    println!(
+        "local site up: authority {}, volume {} ({} MiB)",
+        site.authority_addr, a.volume, a.size_mib
+    );
     for s in site.servers() {
         println!(
             "  server {}: pid {} data {} admin http://{}/health  log {}",
@@ -391,7 +399,11 @@ fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
         );
     }
     let primary = site.primary().unwrap_or_default();
-    let ppid = site.server(&primary).ok().and_then(|s| s.pid()).unwrap_or(0);
+    let ppid = site
+        .server(&primary)
+        .ok()
+        .and_then(|s| s.pid())
+        .unwrap_or(0);
     println!(
         "\nwrite and verify through the replication pipeline:\n  {c} write --start 0 --count 1000 --write-id 1 --flush\n  {c} verify --start 0 --count 1000 --write-id 1\n  {c} read --start 0 --count 4\n\nfailover: kill the primary ({primary}) and watch this window:\n  kill -9 {ppid}\nthis process notices, asks the authority for a failover, and the other server takes the\nlease once the old one ran out (about {} ms); then verify again:\n  {c} verify --start 0 --count 1000 --write-id 1\n\nCtrl-C stops the site.",
         a.lease_ms

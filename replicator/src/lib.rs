@@ -1,5 +1,5 @@
 //! Tandem's storage server (`replicator serve`) and the client side of its replication
-//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
+//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replication.md`.
 
 pub mod authority;
 pub mod bench;

@@ -154,7 +154,12 @@ impl SiteServer {
             .cloned()
     }
 
-    fn spawn(&mut self, cmd: &ServerCommand, rust_log: &str, timeout: Duration) -> Result<(), LocalSiteError> {
+    fn spawn(
+        &mut self,
+        cmd: &ServerCommand,
+        rust_log: &str,
+        timeout: Duration,
+    ) -> Result<(), LocalSiteError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -477,15 +482,20 @@ impl LocalSite {
             .filter(|s| s.id != p && s.is_running())
             .all(|s| {
                 peers.contains(&s.id.as_str())
-                    && info.servers.iter().any(|i| i.server_id == s.id && i.in_sync)
+                    && info
+                        .servers
+                        .iter()
+                        .any(|i| i.server_id == s.id && i.in_sync)
             })
     }
 
     /// Waits until the designated primary is leased and every running server is in sync.
     pub fn wait_in_sync(&self, timeout: Duration) -> Result<(), LocalSiteError> {
-        self.wait_for("the volume in sync on every running server", timeout, || {
-            self.info().is_ok_and(|i| self.in_sync(&i))
-        })
+        self.wait_for(
+            "the volume in sync on every running server",
+            timeout,
+            || self.info().is_ok_and(|i| self.in_sync(&i)),
+        )
     }
 
     /// Waits until `server` is a leased primary of the volume.

@@ -31,7 +31,8 @@ const ACTIVITY_GROUP: u64 = 16;
 const CATCH_UP_WINDOW: usize = 8;
 
 /// The answer to one region copy.
-type CopyAnswer = tokio::sync::oneshot::Receiver<Result<crate::frame::Frame, crate::conn::LinkError>>;
+type CopyAnswer =
+    tokio::sync::oneshot::Receiver<Result<crate::frame::Frame, crate::conn::LinkError>>;
 
 /// How long a catching-up peer may take to write back what it was sent before it joins.
 const CATCH_UP_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -901,7 +902,8 @@ impl VolumeRuntime {
             let _sq = self.seq.lock().await;
             let a = self.activity.clone();
             let busy = self.active_writes.clone();
-            let recent = std::mem::take(&mut *self.activity_recent.lock().expect("activity recent"));
+            let recent =
+                std::mem::take(&mut *self.activity_recent.lock().expect("activity recent"));
             let r = tokio::task::spawn_blocking(move || {
                 let mut a = a.lock().expect("activity");
                 let busy = busy.lock().expect("active writes");
@@ -1364,7 +1366,7 @@ impl VolumeRuntime {
     }
 
     /// Brings an out-of-sync peer back: from the bitmap if it followed this epoch and was
-    /// synced, else by a full copy. Runs under live writes; see docs/replicator.md for why a
+    /// synced, else by a full copy. Runs under live writes; see docs/replication.md for why a
     /// copy never overwrites a newer write.
     async fn catch_up(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
         let cfg = &self.ctx.config;
@@ -1466,7 +1468,10 @@ impl VolumeRuntime {
                     Err(_) => {
                         self.copies_lost(p, &window).await?;
                         self.peer_failed(p, off, len, false, epoch).await?;
-                        return Err(Fail::new(ErrorCode::ReplicationFailed, "region copy failed"));
+                        return Err(Fail::new(
+                            ErrorCode::ReplicationFailed,
+                            "region copy failed",
+                        ));
                     }
                 }
                 cursor = region + 1;
