@@ -361,14 +361,15 @@ fn await_copy(
                     site.info()
                         .is_ok_and(|i| i.servers.iter().any(|s| s.server_id == peer && s.in_sync))
                 };
-                if state == "in_sync" && first_progress.is_some() && at_authority() {
-                    let now = Instant::now();
-                    return Ok((
-                        now.duration_since(t0).as_secs_f64(),
-                        now.duration_since(first_progress.expect("set"))
-                            .as_secs_f64(),
-                        total,
-                    ));
+                if let Some(first) = first_progress {
+                    if state == "in_sync" && at_authority() {
+                        let now = Instant::now();
+                        return Ok((
+                            now.duration_since(t0).as_secs_f64(),
+                            now.duration_since(first).as_secs_f64(),
+                            total,
+                        ));
+                    }
                 }
             }
         }
