@@ -28,6 +28,27 @@ pub enum Cmd {
     Serve(ServeArgs),
     /// Talk to a volume's primary through the replication pipeline.
     Client(ClientArgs),
+    /// Run a whole site on this machine: an authority and two servers on loopback, one
+    /// volume, data under one directory; Ctrl-C stops it.
+    LocalSite(LocalSiteArgs),
+    /// Benchmark: replicated writes through the client library against the same store
+    /// written locally (docs/replication-performance.md).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Parser, Debug)]
+pub struct LocalSiteArgs {
+    /// Directory for the authority's and the servers' data and logs (reused if it exists).
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value = "vol-a")]
+    pub volume: String,
+    /// Volume size in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// The authority's lease (a failover waits about this long).
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -70,6 +91,10 @@ pub struct ServeArgs {
     /// Allow POST /fault on the admin port (tests only).
     #[arg(long)]
     pub enable_fault_injection: bool,
+    /// Runtime threads serving connections (0: one per core; 1: a single-threaded runtime,
+    /// no cross-thread wake-ups per request, for a server on a small machine).
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 #[derive(Parser, Debug)]
@@ -85,6 +110,10 @@ pub struct ClientArgs {
     pub volume: String,
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
+    /// Ask an in-sync secondary to take over when the primary cannot be reached for this
+    /// long (it checks the primary's health first). Off when absent.
+    #[arg(long)]
+    pub takeover_after_ms: Option<u64>,
     #[command(subcommand)]
     pub op: ClientOp,
 }
@@ -124,21 +153,40 @@ pub enum ClientOp {
     },
 }
 
+/// Keeps freed frame buffers in the process instead of returning them to the kernel.
+/// glibc serves allocations of 128 KiB and more with mmap and trims its heap eagerly, so
+/// every 128k write frame cost fresh pages (page faults and zeroing) on the client, the
+/// primary and the secondary — seen as `brk`/page-fault time in the server's profile
+/// (docs/replication-performance.md). Buffer pools would be the real fix.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 pub fn main() -> anyhow::Result<()> {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => run_serve(a),
         Cmd::Client(a) => client(a),
+        Cmd::LocalSite(a) => local_site(a),
+        Cmd::Bench(a) => crate::bench::run(a),
     }
 }
 
-fn serve(a: ServeArgs) -> anyhow::Result<()> {
+/// `replicator serve`: runs a storage server until SIGTERM/SIGINT. Public so that another
+/// binary can run a server from a (hidden) subcommand of its own, e.g. as the
+/// [`crate::local_site::ServerCommand`] of a local cluster.
+pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = ServerConfig::new(&a.id, &a.site, a.data_dir);
     cfg.listen = a.listen.parse().context("--listen")?;
     cfg.admin = a.admin.parse().context("--admin")?;
@@ -157,9 +205,18 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
         a.authority,
         Duration::from_millis(a.authority_timeout_ms.max(1)),
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match a.worker_threads {
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(crate::server::serve(cfg, authority))
 }
 
@@ -184,6 +241,7 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
     }
     let mut pc = PipelineConfig::new(&a.site, &a.volume, authority());
     pc.request_timeout = Duration::from_millis(a.timeout_ms);
+    pc.takeover_after = a.takeover_after_ms.map(Duration::from_millis);
     let p = ReplicationPipeline::start(pc)?;
     let wait = Duration::from_millis(a.timeout_ms + 1000);
     match a.op {
@@ -290,5 +348,83 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
+    use crate::local_site::{LocalSite, LocalSiteOptions, ServerCommand};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if a.size_mib == 0 {
+        bail!("--size-mib must be > 0");
+    }
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic (async-signal-safe); the function
+    // pointer lives for the whole program.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut opts = LocalSiteOptions::new(
+        &a.volume,
+        a.size_mib << 20,
+        ServerCommand::current_exe_serve()?,
+    );
+    opts.lease_ms = a.lease_ms;
+    eprintln!(
+        "starting an authority and servers s1, s2 under {} ...",
+        a.dir.display()
+    );
+    let mut site = LocalSite::start(&a.dir, opts)?;
+    let exe = std::env::current_exe()?;
+    let exe = exe.display();
+    let c = format!(
+        "{exe} client --authority {} --site {} --volume {}",
+        site.authority_addr, site.opts.site, site.opts.volume
+    );
+    println!(
+        "local site up: authority {}, volume {} ({} MiB)",
+        site.authority_addr, a.volume, a.size_mib
+    );
+    for s in site.servers() {
+        println!(
+            "  server {}: pid {} data {} admin http://{}/health  log {}",
+            s.id,
+            s.pid().unwrap_or(0),
+            s.data_addr,
+            s.admin_addr,
+            s.log.display()
+        );
+    }
+    let primary = site.primary().unwrap_or_default();
+    let ppid = site
+        .server(&primary)
+        .ok()
+        .and_then(|s| s.pid())
+        .unwrap_or(0);
+    println!(
+        "\nwrite and verify through the replication pipeline:\n  {c} write --start 0 --count 1000 --write-id 1 --flush\n  {c} verify --start 0 --count 1000 --write-id 1\n  {c} read --start 0 --count 4\n\nfailover: kill the primary ({primary}) and watch this window:\n  kill -9 {ppid}\nthis process notices, asks the authority for a failover, and the other server takes the\nlease once the old one ran out (about {} ms); then verify again:\n  {c} verify --start 0 --count 1000 --write-id 1\n\nCtrl-C stops the site.",
+        a.lease_ms
+    );
+    let mut last_primary = Some(primary);
+    while !STOP.load(Ordering::SeqCst) {
+        for ev in site.check_children() {
+            println!("{ev}");
+        }
+        let now = site.primary();
+        if now != last_primary {
+            if let Some(p) = &now {
+                if site.wait_primary(p, Duration::from_secs(30)).is_ok() {
+                    println!("server {p} is now the leased primary");
+                }
+            }
+            last_primary = now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("stopping the site");
+    site.stop();
     Ok(())
 }

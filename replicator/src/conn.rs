@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -26,7 +26,10 @@ pub enum ReadError {
 }
 
 /// Reads one frame. `Ok(None)` on a clean end of stream between frames.
-pub async fn read_frame(r: &mut OwnedReadHalf) -> Result<Option<Frame>, ReadError> {
+///
+/// Give it a buffered reader ([`frame_reader`]): pipelined small frames then cost one
+/// `recv` for many, not two each.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ReadError> {
     let mut hdr = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -51,6 +54,11 @@ pub async fn read_frame(r: &mut OwnedReadHalf) -> Result<Option<Frame>, ReadErro
         });
     }
     Ok(Some(frame::finish_decode(&raw, payload)?))
+}
+
+/// The read half of a connection, buffered for [`read_frame`].
+pub fn frame_reader(r: OwnedReadHalf) -> BufReader<OwnedReadHalf> {
+    BufReader::with_capacity(64 << 10, r)
 }
 
 /// Spawns the task that owns the write half: it writes every encoded frame sent to the
@@ -141,7 +149,8 @@ impl PeerLink {
             .map_err(|_| err("timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let (mut r, w) = stream.into_split();
+        let (r, w) = stream.into_split();
+        let mut r = frame_reader(r);
         let tx = spawn_writer(w);
         let pending = Arc::new(Mutex::new(Pending {
             closed: false,

@@ -1,11 +1,13 @@
 //! Tandem's storage server (`replicator serve`) and the client side of its replication
-//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replicator.md`.
+//! protocol (`ReplicationPipeline`, which `vhost-target` links). See `docs/replication.md`.
 
 pub mod authority;
+pub mod bench;
 pub mod cli;
 pub mod conn;
 pub mod frame;
 pub mod health;
+pub mod local_site;
 pub mod pipeline;
 pub mod server;
 pub mod stamp;

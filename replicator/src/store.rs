@@ -109,6 +109,13 @@ impl FaultInjector {
         self.slot(op).store(errno, Ordering::SeqCst);
     }
 
+    /// True while any fault is injected (a stalled op must not run on a runtime thread).
+    pub fn any(&self) -> bool {
+        [&self.read, &self.write, &self.sync]
+            .iter()
+            .any(|s| s.load(Ordering::Relaxed) != 0)
+    }
+
     fn slot(&self, op: FaultOp) -> &AtomicI32 {
         match op {
             FaultOp::Read => &self.read,

@@ -5,7 +5,7 @@ pub mod overlap;
 pub mod volume;
 
 use crate::authority::Authority;
-use crate::conn::{read_frame, spawn_writer};
+use crate::conn::{frame_reader, read_frame, spawn_writer};
 use crate::frame::{self, ErrorBody, ErrorCode, Frame, Header, MsgKind, VolumeName};
 use crate::store::ReplicaStore;
 use std::collections::HashMap;
@@ -274,7 +274,8 @@ fn answer_err(h: &Header, f: &Fail) -> Vec<u8> {
 
 async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
+    let (r, w) = stream.into_split();
+    let mut r = frame_reader(r);
     let tx = spawn_writer(w);
     let sem = Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CONN));
     loop {

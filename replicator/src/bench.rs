@@ -1,0 +1,641 @@
+//! `replicator bench`: the replicated write path against the same store written locally,
+//! side by side in one run (docs/replication-performance.md has the numbers and how to run
+//! it; `ci/bench-replicator.sh` is the wrapper).
+//!
+//! Replicated: a [`LocalSite`] (the authority in this process, two `replicator serve`
+//! children on loopback, data files under `DIR/site`), written through the client library
+//! ([`ReplicationPipeline`]) from this process. Local: a [`ReplicaStore`] volume of the same
+//! geometry under `DIR/local` (the same sparse-file store code, on the same disk), written by
+//! `min(depth, cores)` threads calling `VolumeReplica::write_at` — a synchronous `pwrite` has
+//! no queue depth of its own, and more threads than cores only contend for the inode lock.
+//!
+//! Rounds interleave local and replicated phases (the disk's speed drifts); every round's
+//! numbers are printed, and the medians.
+
+use crate::frame::VolumeName;
+use crate::local_site::{LocalSite, LocalSiteOptions, ServerCommand};
+use crate::pipeline::{IoKind, IoRequest, PipelineConfig, PipelineWorker, ReplicationPipeline};
+use crate::store::{ReplicaStore, VolumeReplica};
+use anyhow::{bail, Context};
+use clap::Parser;
+use std::io::{Read, Write};
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BS: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+#[derive(Parser, Debug)]
+pub struct BenchArgs {
+    /// Directory for the local store and the site's data (same disk for both); emptied first.
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per throughput/latency phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Volume size (MiB), for both the local and the replicated volume.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// MiB written while the secondary is down, then caught up.
+    #[arg(long, default_value_t = 512)]
+    pub catchup_mib: u64,
+    /// Queue depth of the throughput phases.
+    #[arg(long, default_value_t = 32)]
+    pub depth: usize,
+    /// Local writer threads (0: min(depth, cores)).
+    #[arg(long, default_value_t = 0)]
+    pub local_threads: usize,
+    /// More flags for every `replicator serve` (e.g. `--server-arg=--worker-threads=1`).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// Program that runs a server (default: this executable, `serve`).
+    #[arg(long)]
+    pub server_program: Option<PathBuf>,
+}
+
+/// A small fast PRNG (xorshift64*): random offsets without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pattern {
+    Random4k,
+    Seq128k,
+}
+
+impl Pattern {
+    fn len(self) -> u64 {
+        match self {
+            Pattern::Random4k => BS,
+            Pattern::Seq128k => 128 << 10,
+        }
+    }
+}
+
+/// Hands out offsets: random 4k blocks, or one sequential 128k stream wrapping at the end.
+struct Offsets {
+    pattern: Pattern,
+    size: u64,
+    seq: AtomicU64,
+}
+
+impl Offsets {
+    fn next(&self, rng: &mut Rng) -> u64 {
+        match self.pattern {
+            Pattern::Random4k => (rng.next() % (self.size / BS)) * BS,
+            Pattern::Seq128k => {
+                let l = self.pattern.len();
+                (self.seq.fetch_add(l, Ordering::Relaxed)) % (self.size / l * l)
+            }
+        }
+    }
+}
+
+struct Throughput {
+    ops: u64,
+    secs: f64,
+    bytes_per_op: u64,
+}
+impl Throughput {
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn mbps(&self) -> f64 {
+        self.ops as f64 * self.bytes_per_op as f64 / self.secs / 1e6
+    }
+}
+
+fn local_throughput(
+    rep: &Arc<VolumeReplica>,
+    pattern: Pattern,
+    threads: usize,
+    secs: f64,
+) -> anyhow::Result<Throughput> {
+    let offs = Arc::new(Offsets {
+        pattern,
+        size: rep.size_bytes(),
+        seq: AtomicU64::new(0),
+    });
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (rep, offs) = (rep.clone(), offs.clone());
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1));
+                let buf = vec![0xA5u8; pattern.len() as usize];
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    rep.write_at(offs.next(&mut rng), &buf)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut ops = 0;
+    for h in handles {
+        ops += h.join().expect("bench thread")?;
+    }
+    Ok(Throughput {
+        ops,
+        secs: start.elapsed().as_secs_f64(),
+        bytes_per_op: pattern.len(),
+    })
+}
+
+/// Blocks until the worker's completion eventfd is readable (or `timeout`), then resets it:
+/// how a queue worker in interrupt mode waits, without burning a core the servers need.
+fn wait_fd(fd: RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd; EAGAIN is fine.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+fn write_req(tag: u64, offset: u64, data: &[u8]) -> IoRequest {
+    IoRequest {
+        tag,
+        kind: IoKind::Write,
+        offset,
+        len: 0,
+        data: data.to_vec(),
+        fua: false,
+    }
+}
+
+fn take_completions(w: &PipelineWorker, done: &mut u64) -> anyhow::Result<()> {
+    while let Some(c) = w.poll() {
+        if let Err(e) = c.result {
+            bail!("write {} failed: {e}", c.tag);
+        }
+        *done += 1;
+    }
+    Ok(())
+}
+
+/// Keeps `depth` writes in flight for `secs` (or until `total_bytes` are written).
+fn replicated_throughput(
+    w: &PipelineWorker,
+    size: u64,
+    pattern: Pattern,
+    depth: usize,
+    secs: f64,
+    total_bytes: Option<u64>,
+) -> anyhow::Result<Throughput> {
+    let offs = Offsets {
+        pattern,
+        size,
+        seq: AtomicU64::new(0),
+    };
+    let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+    let buf = vec![0x5Au8; pattern.len() as usize];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let max_ops = total_bytes.map(|b| b / pattern.len());
+    let (mut sent, mut done) = (0u64, 0u64);
+    loop {
+        let more = match max_ops {
+            Some(m) => sent < m,
+            None => Instant::now() < end,
+        };
+        while more && w.inflight() < depth && max_ops.is_none_or(|m| sent < m) {
+            if w.submit(write_req(sent, offs.next(&mut rng), &buf))
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        if !more && w.inflight() == 0 {
+            break;
+        }
+        take_completions(w, &mut done)?;
+        if w.inflight() >= depth || !more {
+            wait_fd(w.completion_fd(), Duration::from_millis(100));
+            take_completions(w, &mut done)?;
+        }
+        if start.elapsed() > Duration::from_secs_f64(secs) + Duration::from_secs(60) {
+            bail!("writes stopped completing");
+        }
+    }
+    Ok(Throughput {
+        ops: done,
+        secs: start.elapsed().as_secs_f64(),
+        bytes_per_op: pattern.len(),
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    n: usize,
+}
+
+fn percentiles(mut v: Vec<Duration>) -> Latency {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Latency {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        n: v.len(),
+    }
+}
+
+fn local_latency(rep: &VolumeReplica, secs: f64) -> anyhow::Result<Latency> {
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    let buf = vec![0xC3u8; BS as usize];
+    let blocks = rep.size_bytes() / BS;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    while Instant::now() < end {
+        let off = (rng.next() % blocks) * BS;
+        let t = Instant::now();
+        rep.write_at(off, &buf)?;
+        lat.push(t.elapsed());
+    }
+    Ok(percentiles(lat))
+}
+
+fn replicated_latency(w: &PipelineWorker, size: u64, secs: f64) -> anyhow::Result<Latency> {
+    let mut rng = Rng(0x0FED_CBA9_8765_4321);
+    let buf = vec![0x3Cu8; BS as usize];
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    let mut done = 0;
+    while Instant::now() < end {
+        let off = (rng.next() % (size / BS)) * BS;
+        let t = Instant::now();
+        if w.submit(write_req(done, off, &buf)).is_err() {
+            bail!("QD1 submit refused");
+        }
+        let before = done;
+        while done == before {
+            wait_fd(w.completion_fd(), Duration::from_millis(100));
+            take_completions(w, &mut done)?;
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("QD1 write did not complete");
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    Ok(percentiles(lat))
+}
+
+/// Round trip of a 64-byte message over a loopback TCP connection (TCP_NODELAY, blocking
+/// sockets, an echo thread): the floor under any replicated round trip.
+fn loopback_rtt(secs: f64) -> anyhow::Result<Latency> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        loop {
+            if s.read_exact(&mut b).is_err() {
+                return Ok(());
+            }
+            s.write_all(&b)?;
+        }
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [7u8; 64];
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        lat.push(t.elapsed());
+    }
+    drop(c);
+    let _ = echo.join();
+    Ok(percentiles(lat))
+}
+
+/// Waits until the primary reports `peer` in sync; returns (seconds from `t0`, copy phase
+/// seconds: first progress seen to in sync, regions copied).
+fn await_copy(
+    site: &LocalSite,
+    primary: &str,
+    peer: &str,
+    t0: Instant,
+) -> anyhow::Result<(f64, f64, u64)> {
+    let p = site.server(primary)?;
+    let vol = site.opts.volume.clone();
+    let mut first_progress: Option<Instant> = None;
+    let mut total = 0u64;
+    loop {
+        if let Some(h) = p.volume_health(&vol) {
+            let peers = h["peers"].as_array().cloned().unwrap_or_default();
+            if let Some(ph) = peers.iter().find(|x| x["server_id"] == peer) {
+                let state = ph["state"].as_str().unwrap_or("");
+                let ct = ph["copy_total"].as_u64().unwrap_or(0);
+                if state == "catching_up" && first_progress.is_none() {
+                    first_progress = Some(Instant::now());
+                }
+                if ct > 0 {
+                    total = ct;
+                }
+                let at_authority = || {
+                    site.info()
+                        .is_ok_and(|i| i.servers.iter().any(|s| s.server_id == peer && s.in_sync))
+                };
+                if let Some(first) = first_progress {
+                    if state == "in_sync" && at_authority() {
+                        let now = Instant::now();
+                        return Ok((
+                            now.duration_since(t0).as_secs_f64(),
+                            now.duration_since(first).as_secs_f64(),
+                            total,
+                        ));
+                    }
+                }
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("{peer} did not get back in sync");
+        }
+        // Not faster: every look is an HTTP request the primary serves while it copies.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_degraded(site: &LocalSite, primary: &str) -> anyhow::Result<()> {
+    let p = site.server(primary)?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        if p.volume_health(&site.opts.volume)
+            .is_some_and(|h| h["degraded"] == true && h["accepting_io"] == true)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("primary did not report degraded")
+}
+
+struct Round {
+    local_4k: Throughput,
+    repl_4k: Throughput,
+    local_128k: Throughput,
+    repl_128k: Throughput,
+    local_qd1: Latency,
+    repl_qd1: Latency,
+    rtt: Latency,
+    catchup_mb: f64,
+    catchup_secs: f64,
+    catchup_copy_secs: f64,
+    rebuild_mb: f64,
+    rebuild_secs: f64,
+    rebuild_copy_secs: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.rounds == 0 || a.depth == 0 || a.size_mib == 0 {
+        bail!("--rounds, --depth and --size-mib must be > 0");
+    }
+    if a.catchup_mib > a.size_mib {
+        bail!("--catchup-mib must not exceed --size-mib");
+    }
+    let size = a.size_mib * MIB;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if a.local_threads == 0 {
+        a.depth.min(cores)
+    } else {
+        a.local_threads
+    };
+    if a.dir.exists() {
+        std::fs::remove_dir_all(&a.dir).with_context(|| format!("empty {}", a.dir.display()))?;
+    }
+    std::fs::create_dir_all(&a.dir)?;
+
+    let store = ReplicaStore::open(&a.dir.join("local"))?;
+    let local = store.open_or_create(&VolumeName::new("bench")?, size, BS as u32)?;
+
+    let mut cmd = ServerCommand::current_exe_serve()?;
+    if let Some(p) = &a.server_program {
+        cmd.program = p.clone();
+    }
+    let mut opts = LocalSiteOptions::new("bench", size, cmd);
+    opts.server_log = std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into());
+    opts.server_args = ["--replicate-timeout-ms", "300", "--refresh-ms", "50"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(a.server_args.iter().cloned())
+        .collect();
+    let mut site = LocalSite::start(&a.dir.join("site"), opts)?;
+    let primary = site.primary().context("no primary")?;
+    let secondary = site
+        .servers()
+        .iter()
+        .map(|s| s.id.clone())
+        .find(|s| *s != primary)
+        .context("no secondary")?;
+    let pipeline = ReplicationPipeline::start(PipelineConfig::new(
+        &site.opts.site,
+        &site.opts.volume,
+        site.authority(),
+    ))?;
+    let w = pipeline.worker(a.depth)?;
+    let w1 = pipeline.worker(1)?;
+
+    eprintln!(
+        "bench: {} rounds, {} s per phase, volume {} MiB, depth {}, local threads {threads}, dir {}",
+        a.rounds,
+        a.seconds,
+        a.size_mib,
+        a.depth,
+        a.dir.display()
+    );
+    let s = a.seconds;
+    let mut rounds = Vec::new();
+    for r in 0..a.rounds {
+        let local_4k = local_throughput(&local, Pattern::Random4k, threads, s)?;
+        let repl_4k = replicated_throughput(&w, size, Pattern::Random4k, a.depth, s, None)?;
+        let local_128k = local_throughput(&local, Pattern::Seq128k, threads, s)?;
+        let repl_128k = replicated_throughput(&w, size, Pattern::Seq128k, a.depth, s, None)?;
+        let local_qd1 = local_latency(&local, s)?;
+        let repl_qd1 = replicated_latency(&w1, size, s)?;
+        let rtt = loopback_rtt(s.min(1.0))?;
+
+        // Catch-up: the secondary misses `catchup_mib` of writes, then comes back.
+        site.kill9(&secondary)?;
+        replicated_throughput(
+            &w,
+            size,
+            Pattern::Seq128k,
+            a.depth,
+            3600.0,
+            Some(a.catchup_mib * MIB),
+        )?;
+        wait_degraded(&site, &primary)?;
+        let t0 = Instant::now();
+        site.restart(&secondary)?;
+        let (catchup_secs, catchup_copy_secs, regions) =
+            await_copy(&site, &primary, &secondary, t0)?;
+        let catchup_mb = (regions * MIB) as f64 / 1e6;
+
+        // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
+        site.kill9(&secondary)?;
+        let sdir = site.server(&secondary)?.data_dir.clone();
+        std::fs::remove_dir_all(&sdir)?;
+        std::fs::create_dir_all(&sdir)?;
+        let t0 = Instant::now();
+        site.restart(&secondary)?;
+        let (rebuild_secs, rebuild_copy_secs, regions) =
+            await_copy(&site, &primary, &secondary, t0)?;
+        let rebuild_mb = (regions * MIB) as f64 / 1e6;
+        site.wait_in_sync(Duration::from_secs(60))?;
+
+        let rd = Round {
+            local_4k,
+            repl_4k,
+            local_128k,
+            repl_128k,
+            local_qd1,
+            repl_qd1,
+            rtt,
+            catchup_mb,
+            catchup_secs,
+            catchup_copy_secs,
+            rebuild_mb,
+            rebuild_secs,
+            rebuild_copy_secs,
+        };
+        eprintln!(
+            "round {}: 4k local {:.0} repl {:.0} IOPS ({:.2}x); 128k local {:.0} repl {:.0} MB/s ({:.2}x); \
+             QD1 p50 local {:.1} repl {:.1} us, rtt {:.1} us; catch-up {:.0} MB/s, rebuild {:.0} MB/s",
+            r + 1,
+            rd.local_4k.iops(),
+            rd.repl_4k.iops(),
+            rd.repl_4k.iops() / rd.local_4k.iops(),
+            rd.local_128k.mbps(),
+            rd.repl_128k.mbps(),
+            rd.repl_128k.mbps() / rd.local_128k.mbps(),
+            rd.local_qd1.p50_us,
+            rd.repl_qd1.p50_us,
+            rd.rtt.p50_us,
+            rd.catchup_mb / rd.catchup_copy_secs,
+            rd.rebuild_mb / rd.rebuild_copy_secs,
+        );
+        rounds.push(rd);
+    }
+    drop(w);
+    drop(w1);
+    drop(pipeline);
+    site.stop();
+    report(&rounds, &a, threads, cores);
+    Ok(())
+}
+
+/// Prints the results as Markdown (what docs/replication-performance.md holds).
+fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
+    println!(
+        "Rounds: {}, {} s per phase; volume {} MiB (4 KiB blocks), depth {}; local: {threads} writer thread(s) on {cores} cores.\n",
+        rounds.len(),
+        a.seconds,
+        a.size_mib,
+        a.depth
+    );
+    println!("| round | 4k QD{d} local IOPS | 4k QD{d} replicated IOPS | ratio | 128k seq local MB/s | 128k seq replicated MB/s | ratio |", d = a.depth);
+    println!("|---|---|---|---|---|---|---|");
+    for (i, r) in rounds.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            i + 1,
+            r.local_4k.iops(),
+            r.repl_4k.iops(),
+            r.repl_4k.iops() / r.local_4k.iops(),
+            r.local_128k.mbps(),
+            r.repl_128k.mbps(),
+            r.repl_128k.mbps() / r.local_128k.mbps()
+        );
+    }
+    let m = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    println!(
+        "| median | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+        m(&|r| r.local_4k.iops()),
+        m(&|r| r.repl_4k.iops()),
+        m(&|r| r.repl_4k.iops() / r.local_4k.iops()),
+        m(&|r| r.local_128k.mbps()),
+        m(&|r| r.repl_128k.mbps()),
+        m(&|r| r.repl_128k.mbps() / r.local_128k.mbps()),
+    );
+    println!("| round | QD1 local p50 / p99 us | QD1 replicated p50 / p99 us | loopback RTT p50 / p99 us | budget (local p50 + RTT p50 + 30) | replicated p50 within budget |");
+    println!("|---|---|---|---|---|---|");
+    for (i, r) in rounds.iter().enumerate() {
+        let budget = r.local_qd1.p50_us + r.rtt.p50_us + 30.0;
+        println!(
+            "| {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {} |",
+            i + 1,
+            r.local_qd1.p50_us,
+            r.local_qd1.p99_us,
+            r.repl_qd1.p50_us,
+            r.repl_qd1.p99_us,
+            r.rtt.p50_us,
+            r.rtt.p99_us,
+            budget,
+            if r.repl_qd1.p50_us <= budget {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
+    println!(
+        "\nQD1 samples per round: local {}, replicated {}.\n",
+        rounds[0].local_qd1.n, rounds[0].repl_qd1.n
+    );
+    println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, r) in rounds.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            i + 1,
+            r.catchup_mb,
+            r.catchup_copy_secs,
+            r.catchup_mb / r.catchup_copy_secs,
+            r.catchup_secs,
+            r.rebuild_mb,
+            r.rebuild_copy_secs,
+            r.rebuild_mb / r.rebuild_copy_secs,
+            r.rebuild_secs,
+        );
+    }
+    println!(
+        "| median | | | {:.0} | | | | {:.0} | |",
+        m(&|r| r.catchup_mb / r.catchup_copy_secs),
+        m(&|r| r.rebuild_mb / r.rebuild_copy_secs),
+    );
+}
