@@ -11,6 +11,7 @@
 
 pub mod bdev;
 pub mod blk;
+pub mod cluster;
 pub mod config;
 pub mod cpumask;
 pub mod keyring;

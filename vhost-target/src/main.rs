@@ -37,6 +37,40 @@ enum Command {
     Rpc(RpcArgs),
     /// Drive a vhost-user-blk socket with synthetic load, without a guest.
     Loadgen(loadgen::LoadgenArgs),
+    /// A whole replicated cluster on this machine: an authority, two replicator servers and
+    /// this target serving a replicated, encrypted device; prints the QEMU command line.
+    Cluster(ClusterArgs),
+    /// A replicator server (what `cluster` runs its servers with; same flags as
+    /// `replicator serve`).
+    #[command(hide = true)]
+    ReplicatorServe(replicator::cli::ServeArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Where everything keeps its data (authority, servers, key, sockets); reused if it exists.
+    #[arg(long, default_value = "/var/tmp/tandem-cluster")]
+    dir: PathBuf,
+    /// The volume (and device `dev-VOLUME`) to create.
+    #[arg(long, default_value = "vol0")]
+    volume: String,
+    /// Its size (e.g. 1G, 256M).
+    #[arg(long, default_value = "1G", value_parser = loadgen::parse_size)]
+    size: u64,
+    /// The authority's primary lease in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    lease_ms: u64,
+    /// Prometheus metrics address ("" for none).
+    #[arg(long, default_value = "127.0.0.1:9300")]
+    metrics_addr: String,
+    /// CPUs the target's queue workers may use (default: every online CPU).
+    #[arg(short = 'm', long = "cpumask")]
+    cpumask: Option<String>,
+    #[arg(long, default_value = "adaptive")]
+    poll_mode: PollMode,
+    /// Serve bdev_replicated_cut (failover drills).
+    #[arg(long)]
+    enable_fault_injection: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +126,15 @@ fn main() -> ExitCode {
         Command::Loadgen(args) => {
             init_logging();
             loadgen::run(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Cluster(args) => cluster(args),
+        Command::ReplicatorServe(args) => {
+            // `cluster` blocks SIGINT/SIGTERM (it waits for them with sigwait) and a child
+            // inherits the mask across exec: unblock them so the server stops gracefully
+            // (gives its lease back) on SIGTERM.
+            unblock_termination_signals();
+            init_logging();
+            replicator::cli::run_serve(args).map(|()| ExitCode::SUCCESS)
         }
     };
     result.unwrap_or_else(|e| {
@@ -201,6 +244,17 @@ fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
     Ok(set)
 }
 
+fn unblock_termination_signals() {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it; the signals are valid.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Waits until SIGINT or SIGTERM (blocked in every thread) is pending.
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     loop {
@@ -212,6 +266,62 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
             return sig;
         }
     }
+}
+
+// ---- cluster ----
+
+fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    use vhost_target::cluster::{ClusterOptions, LocalCluster};
+    let signals = block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    init_logging();
+    let core_mask = match &args.cpumask {
+        Some(m) => CpuSet::parse(m).with_context(|| format!("bad -m {m:?}"))?,
+        None => CpuSet::online(),
+    };
+    let opts = ClusterOptions {
+        dir: args.dir.clone(),
+        volume: args.volume,
+        size_bytes: args.size,
+        lease_ms: args.lease_ms,
+        metrics_addr: args.metrics_addr,
+        settings: TargetSettings {
+            vhost_socket_dir: args.dir,
+            core_mask,
+            default_poll_mode: args.poll_mode,
+            fault_injection: args.enable_fault_injection,
+        },
+    };
+    eprintln!(
+        "starting an authority, replicator servers s1 and s2, and the target under {} ...",
+        opts.dir.display()
+    );
+    let mut c = LocalCluster::start(&opts)?;
+    println!("{}", c.instructions());
+    // The site's monitor runs between signal checks.
+    let sig = loop {
+        if let Some(sig) = wait_for_signal_for(&signals, Duration::from_millis(500)) {
+            break sig;
+        }
+        for event in c.check() {
+            println!("{event}");
+        }
+    };
+    eprintln!("signal {sig}: stopping the target, the servers and the authority");
+    c.stop();
+    eprintln!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Like [`wait_for_signal`], but gives up after `timeout`.
+fn wait_for_signal_for(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: set is an initialised sigset_t whose signals are blocked; a null siginfo
+    // pointer is allowed; ts is a valid timespec.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
 }
 
 // ---- rpc ----

@@ -97,7 +97,8 @@ pub enum LoadgenError {
     InvalidArgument(String),
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// A size like `4k`, `1M`, `2GiB` or a byte count (clap value parser).
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim().to_ascii_lowercase();
     let (num, mul) = match s.trim_end_matches(['b', 'i']).chars().last() {
         Some('k') => (&s[..s.find('k').unwrap_or(0)], 1u64 << 10),
