@@ -63,14 +63,43 @@ struct ClusterArgs {
     /// Prometheus metrics address ("" for none).
     #[arg(long, default_value = "127.0.0.1:9300")]
     metrics_addr: String,
-    /// CPUs the target's queue workers may use (default: every online CPU).
+    #[command(flatten)]
+    target: TargetFlags,
+}
+
+/// The target's flags that `serve` and `cluster` share.
+#[derive(Args)]
+struct TargetFlags {
+    /// CPUs the target may use, as a hex mask (0x3) or a list ([0,2-3]);
+    /// default: every online CPU.
     #[arg(short = 'm', long = "cpumask")]
     cpumask: Option<String>,
+    /// How queue workers wait for work, unless a controller says otherwise:
+    /// poll, interrupt or adaptive.
     #[arg(long, default_value = "adaptive")]
     poll_mode: PollMode,
-    /// Serve bdev_replicated_cut (failover drills).
+    /// Serve the fault-injection method bdev_replicated_cut (tests and drills, never
+    /// production).
     #[arg(long)]
     enable_fault_injection: bool,
+}
+
+impl TargetFlags {
+    fn settings(&self, vhost_socket_dir: PathBuf) -> anyhow::Result<TargetSettings> {
+        let core_mask = match &self.cpumask {
+            Some(m) => CpuSet::parse(m).with_context(|| format!("bad -m {m:?}"))?,
+            None => CpuSet::online(),
+        };
+        if !core_mask.is_subset_of(&CpuSet::online()) {
+            tracing::warn!(mask = %core_mask, "-m names CPUs that are not online");
+        }
+        Ok(TargetSettings {
+            vhost_socket_dir,
+            core_mask,
+            default_poll_mode: self.poll_mode,
+            fault_injection: self.enable_fault_injection,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -84,18 +113,8 @@ struct ServeArgs {
     /// Directory of the controllers' vhost-user sockets.
     #[arg(short = 'S', long = "vhost-sock-dir", default_value = ".")]
     vhost_sock_dir: PathBuf,
-    /// CPUs the target may use, as a hex mask (0x3) or a list ([0,2-3]);
-    /// default: every online CPU.
-    #[arg(short = 'm', long = "cpumask")]
-    cpumask: Option<String>,
-    /// How queue workers wait for work, unless a controller says otherwise:
-    /// poll, interrupt or adaptive.
-    #[arg(long, default_value = "adaptive")]
-    poll_mode: PollMode,
-    /// Serve the fault-injection method bdev_replicated_cut (tests and drills, never
-    /// production).
-    #[arg(long)]
-    enable_fault_injection: bool,
+    #[command(flatten)]
+    target: TargetFlags,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9300; port 0 picks
     /// one, logged at start). Off unless given.
     #[arg(long)]
@@ -161,13 +180,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
     init_logging();
 
-    let core_mask = match &args.cpumask {
-        Some(m) => CpuSet::parse(m).with_context(|| format!("bad -m {m:?}"))?,
-        None => CpuSet::online(),
-    };
-    if !core_mask.is_subset_of(&CpuSet::online()) {
-        tracing::warn!(mask = %core_mask, "-m names CPUs that are not online");
-    }
     let vhost_socket_dir = args.vhost_sock_dir.canonicalize().with_context(|| {
         format!(
             "vhost socket directory {} (-S)",
@@ -177,12 +189,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if !vhost_socket_dir.is_dir() {
         bail!("-S {} is not a directory", vhost_socket_dir.display());
     }
-    let settings = TargetSettings {
-        vhost_socket_dir,
-        core_mask,
-        default_poll_mode: args.poll_mode,
-        fault_injection: args.enable_fault_injection,
-    };
+    let settings = args.target.settings(vhost_socket_dir)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         cpumask = %settings.core_mask,
@@ -274,22 +281,13 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     use vhost_target::cluster::{ClusterOptions, LocalCluster};
     let signals = block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
     init_logging();
-    let core_mask = match &args.cpumask {
-        Some(m) => CpuSet::parse(m).with_context(|| format!("bad -m {m:?}"))?,
-        None => CpuSet::online(),
-    };
     let opts = ClusterOptions {
         dir: args.dir.clone(),
         volume: args.volume,
         size_bytes: args.size,
         lease_ms: args.lease_ms,
         metrics_addr: args.metrics_addr,
-        settings: TargetSettings {
-            vhost_socket_dir: args.dir,
-            core_mask,
-            default_poll_mode: args.poll_mode,
-            fault_injection: args.enable_fault_injection,
-        },
+        settings: args.target.settings(args.dir)?,
     };
     eprintln!(
         "starting an authority, replicator servers s1 and s2, and the target under {} ...",

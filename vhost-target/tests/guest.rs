@@ -55,15 +55,24 @@ fn pattern(tag: &str, bytes: u64) -> Vec<u8> {
     out
 }
 
-/// The script the guest's /init runs. `KEY value` lines are parsed by `parse_report`.
-const GUEST_SCRIPT: &str = r#"
-set -eu
-dev=/dev/vda
+/// The guest scripts' `pat TAG SECTORS`: the per-sector pattern of [`pattern`], in awk.
+const PAT_FN: &str = r#"
 pat() { # tag sectors -> per-sector pattern on stdout, same as pattern() in guest.rs
     awk -v tag="$1" -v n="$2" 'BEGIN { for (i = 0; i < n; i++) {
         u = sprintf("%s-%06d-", tag, i); s = u; while (length(s) < 512) s = s u;
         printf "%s", substr(s, 1, 512) } }'
 }
+"#;
+
+/// A guest script with [`PAT_FN`] defined first.
+fn with_pat(script: &str) -> String {
+    format!("{PAT_FN}{script}")
+}
+
+/// The script the guest's /init runs. `KEY value` lines are parsed by `parse_report`.
+const GUEST_SCRIPT: &str = r#"
+set -eu
+dev=/dev/vda
 echo "SIZE_SECTORS $(cat /sys/block/vda/size)"
 echo "SERIAL $(cat /sys/block/vda/serial 2>/dev/null || echo -)"
 echo "WRITE_CACHE $(cat /sys/block/vda/queue/write_cache | tr ' ' _)"
@@ -392,7 +401,7 @@ fn guest_reads_writes_flushes_and_discards(
     image: &Path,
     dir: &Path,
 ) -> Result<()> {
-    let report = run_guest(dir, &server.socket, GUEST_SCRIPT)?;
+    let report = run_guest(dir, &server.socket, &with_pat(GUEST_SCRIPT))?;
     let get = |key: &str| -> Result<&str> {
         report
             .get(key)
@@ -516,11 +525,6 @@ mod site;
 const REPLICATED_SCRIPT: &str = r#"
 set -u
 dev=/dev/vda
-pat() { # tag sectors -> per-sector pattern on stdout, same as pattern() in guest.rs
-    awk -v tag="$1" -v n="$2" 'BEGIN { for (i = 0; i < n; i++) {
-        u = sprintf("%s-%06d-", tag, i); s = u; while (length(s) < 512) s = s u;
-        printf "%s", substr(s, 1, 512) } }'
-}
 echo "SIZE_SECTORS $(cat /sys/block/vda/size)"
 fio --name=rep --filename=$dev --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite \
     --bs=4k --offset=0 --size=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
@@ -564,7 +568,8 @@ fn guest_on_a_replicated_disk_survives_a_primary_kill9() -> Result<()> {
 
     let s1 = std::sync::Mutex::new(s1);
     let (report, killed_after) = std::thread::scope(|sc| {
-        let guest = sc.spawn(|| run_guest_with(dir.path(), &sock, REPLICATED_SCRIPT, true));
+        let guest =
+            sc.spawn(|| run_guest_with(dir.path(), &sock, &with_pat(REPLICATED_SCRIPT), true));
         // Kill the primary once fio is well under way (writes are reaching the target).
         let mut killed_after = None;
         while !guest.is_finished() {

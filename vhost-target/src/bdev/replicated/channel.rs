@@ -96,12 +96,21 @@ impl ReplicatedChannel {
         io.len.div_ceil(per).max(1) as u32
     }
 
-    /// Copies `len` bytes of the request's buffers, from byte `at` of the request, into `out`.
+    /// Calls `f(ptr, n)` for each piece of the request's buffers covering bytes
+    /// `[at, at + len)` of the request, in order.
     ///
     /// # Safety
     /// `slot` describes a live request (the `submit` contract) and `at + len` is within it.
-    unsafe fn gather(slot: &Slot, mut at: u64, mut len: usize, out: &mut Vec<u8>) {
+    unsafe fn segments(
+        slot: &Slot,
+        mut at: u64,
+        mut len: usize,
+        mut f: impl FnMut(*mut u8, usize),
+    ) {
         for i in 0..slot.iovcnt as usize {
+            if len == 0 {
+                return;
+            }
             // SAFETY: i < iovcnt; the iovecs are valid per the submit contract.
             let iov = unsafe { *slot.iovs.add(i) };
             let l = iov.iov_len as u64;
@@ -109,49 +118,41 @@ impl ReplicatedChannel {
                 at -= l;
                 continue;
             }
-            let take = ((l - at) as usize).min(len);
-            // SAFETY: [at, at + take) is inside this iovec's buffer, valid for reads.
-            let src = unsafe {
-                std::slice::from_raw_parts((iov.iov_base as *const u8).add(at as usize), take)
-            };
-            out.extend_from_slice(src);
-            len -= take;
+            let n = ((l - at) as usize).min(len);
+            // SAFETY: at < iov_len, so the pointer stays inside this iovec's buffer.
+            f(unsafe { (iov.iov_base as *mut u8).add(at as usize) }, n);
+            len -= n;
             at = 0;
-            if len == 0 {
-                return;
-            }
+        }
+    }
+
+    /// Copies `len` bytes of the request's buffers, from byte `at` of the request, into `out`.
+    ///
+    /// # Safety
+    /// As [`Self::segments`].
+    unsafe fn gather(slot: &Slot, at: u64, len: usize, out: &mut Vec<u8>) {
+        // SAFETY: our caller's contract; each piece is inside the guest's buffers.
+        unsafe {
+            Self::segments(slot, at, len, |p, n| {
+                out.extend_from_slice(std::slice::from_raw_parts(p, n))
+            })
         }
     }
 
     /// Copies `data` into the request's buffers from byte `at` of the request.
     ///
     /// # Safety
-    /// `slot` describes a live read (the `submit` contract: the buffers are writable and not
-    /// otherwise accessed) and `at + data.len()` is within it.
-    unsafe fn scatter(slot: &Slot, mut at: u64, mut data: &[u8]) {
-        for i in 0..slot.iovcnt as usize {
-            // SAFETY: i < iovcnt; the iovecs are valid per the submit contract.
-            let iov = unsafe { *slot.iovs.add(i) };
-            let l = iov.iov_len as u64;
-            if at >= l {
-                at -= l;
-                continue;
-            }
-            let put = ((l - at) as usize).min(data.len());
-            // SAFETY: [at, at + put) is inside this iovec's buffer, which the guest gave us
-            // to write and nobody else touches until completion.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    (iov.iov_base as *mut u8).add(at as usize),
-                    put,
-                )
-            };
-            data = &data[put..];
-            at = 0;
-            if data.is_empty() {
-                return;
-            }
+    /// As [`Self::segments`], and the request is a read: its buffers are writable and not
+    /// otherwise accessed until completion.
+    unsafe fn scatter(slot: &Slot, at: u64, data: &[u8]) {
+        let mut done = 0;
+        // SAFETY: our caller's contract; each piece is inside the guest's buffers, which the
+        // guest gave us to write.
+        unsafe {
+            Self::segments(slot, at, data.len(), |p, n| {
+                std::ptr::copy_nonoverlapping(data[done..].as_ptr(), p, n);
+                done += n;
+            })
         }
     }
 
