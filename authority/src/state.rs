@@ -13,21 +13,21 @@ use serde_json::Value;
 use crate::error::AuthError;
 
 /// One server of a volume and whether it holds every acknowledged write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VolumeServer {
     pub server_id: String,
     pub in_sync: bool,
 }
 
 /// Who was granted a volume's primary lease last, and under which epoch. `None` once released.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LeaseHolder {
     pub server_id: String,
     pub epoch: u64,
 }
 
 /// The outcome of the last failover, kept so a retried request gets the same answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FailoverRecord {
     pub from_epoch: u64,
     pub primary: String,
@@ -37,7 +37,7 @@ pub struct FailoverRecord {
 }
 
 /// Tier 2: a volume (one device's copy in this site).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Volume {
     pub device: String,
     pub size_bytes: u64,
@@ -65,7 +65,7 @@ pub struct Server {
 }
 
 /// Tier 1: a device and which of its volumes may accept writes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Device {
     pub size_bytes: u64,
     pub block_size: u32,
@@ -81,7 +81,7 @@ pub struct Device {
 }
 
 /// A change that a two-phase transaction holds on a record until the decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TxnIntent {
     pub txn_id: String,
     pub new_generation: u64,
@@ -89,7 +89,7 @@ pub struct TxnIntent {
 }
 
 /// The coordinator's record of a promotion transaction (kept in the global group).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TxnRecord {
     pub device: String,
     pub to_site: String,
