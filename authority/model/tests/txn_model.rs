@@ -406,11 +406,10 @@ impl Actor for Node {
 
     fn on_timeout(&self, _id: Id, state: &mut Cow<NodeState>, _t: &Timer, o: &mut Out<Self>) {
         match (self, state.as_ref()) {
-            (Node::Coordinator { .. }, NodeState::Coordinator(c)) => {
-                if c.request().is_some() {
-                    send(c, o);
-                    o.set_timer(Timer::Retry, model_timeout());
-                }
+            // The client's retry of a request that may have been lost.
+            (Node::Coordinator { .. }, NodeState::Coordinator(c)) if c.request().is_some() => {
+                send(c, o);
+                o.set_timer(Timer::Retry, model_timeout());
             }
             (Node::Recovery { txns }, NodeState::Recovery { current, next }) => {
                 match current {
