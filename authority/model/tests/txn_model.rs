@@ -717,9 +717,10 @@ fn random_long_runs_of_two_promotions_are_safe_under_loss_duplication_reordering
     let chooser = ProgressChooser(Arc::new(m.clone()));
     let c = m
         .checker()
-        .threads(2)
+        // One thread: the runs, and so the test, are the same every time.
+        .threads(1)
         .target_max_depth(150)
-        .target_state_count(std::env::var("STATES").map_or(250_000, |d| d.parse().unwrap()))
+        .target_state_count(std::env::var("STATES").map_or(150_000, |d| d.parse().unwrap()))
         .spawn_simulation(7, chooser)
         .join();
     eprintln!(
