@@ -33,8 +33,9 @@ async fn partitioned_then_killed_leaders_keep_leases_safe() {
     let mut tasks = Vec::new();
     for v in VOLUMES {
         for s in SERVERS {
+            // Each server has its own client (its own idea of who leads), as in production.
             tasks.push(tokio::spawn(lease_loop(
-                client.clone(),
+                Arc::new(cluster.client()),
                 SITE,
                 v.to_string(),
                 s.to_string(),

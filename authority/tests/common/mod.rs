@@ -312,6 +312,10 @@ pub async fn lease_loop(
                 // Deposed: stop acting at once (the recorded validity already ends by itself).
                 ops.refusals.fetch_add(1, Ordering::Relaxed);
                 held = None;
+                // As a server does: read the volume (linearizable) to learn who is primary.
+                // It also moves this client to the group's real leader if the one it knew
+                // is cut off and answers from a stale state.
+                let _ = client.volume_get(site, &volume).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(AuthError::LeaseHeld { retry_after_ms, .. }) => {
