@@ -24,6 +24,11 @@ pub struct VolumeServer {
 pub struct LeaseHolder {
     pub server_id: String,
     pub epoch: u64,
+    /// The holder process's incarnation (its client picks one per process start), if sent: a
+    /// restarted server (or a second process under the same id) is a new holder, which waits
+    /// until its predecessor's lease could have run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 /// The outcome of the last failover, kept so a retried request gets the same answer.
@@ -145,11 +150,16 @@ pub enum Command {
         server_id: String,
         epoch: u64,
         prev: Option<LeaseHolder>,
+        #[serde(default)]
+        incarnation: Option<String>,
     },
     ReleaseLease {
         volume: String,
         server_id: String,
         epoch: u64,
+        /// Only the incarnation that holds the lease releases it.
+        #[serde(default)]
+        incarnation: Option<String>,
     },
     SetInSync {
         volume: String,
@@ -384,6 +394,7 @@ impl GroupState {
                 server_id,
                 epoch,
                 prev,
+                incarnation,
             } => {
                 let v = self
                     .volumes
@@ -403,6 +414,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: server_id.clone(),
                     epoch: *epoch,
+                    incarnation: incarnation.clone(),
                 };
                 if v.lease_holder.as_ref() == Some(&me) {
                     // A retried or concurrent grant to the same holder.
@@ -433,13 +445,18 @@ impl GroupState {
                 volume,
                 server_id,
                 epoch,
+                incarnation,
             } => {
                 let v = self
                     .volumes
                     .get_mut(volume)
                     .ok_or_else(|| unknown_volume(volume))?;
                 match &v.lease_holder {
-                    Some(h) if h.server_id == *server_id && h.epoch == *epoch => {
+                    Some(h)
+                        if h.server_id == *server_id
+                            && h.epoch == *epoch
+                            && h.incarnation == *incarnation =>
+                    {
                         v.lease_holder = None;
                         Ok(Outcome::Done)
                     }
@@ -648,6 +665,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: site.clone(),
                     epoch: *generation,
+                    incarnation: None,
                 };
                 if d.lease_holder.as_ref() != Some(&me) {
                     if d.lease_holder != *prev {
@@ -682,6 +700,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: site.clone(),
                     epoch: *generation,
+                    incarnation: None,
                 };
                 if d.lease_holder.as_ref() == Some(&me) {
                     d.lease_holder = None;
