@@ -535,6 +535,24 @@ impl AuthorityClient {
     }
 }
 
+/// This process's incarnation: chosen once per process start (process id and start time), sent
+/// with every primary-lease request, so the authority tells a restarted server (or a second
+/// process under the same server id) from the one that holds the lease.
+pub fn incarnation() -> &'static str {
+    static INCARNATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INCARNATION.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{:x}-{:x}{:08x}",
+            std::process::id(),
+            t.as_secs(),
+            t.subsec_nanos()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,22 +606,4 @@ mod tests {
             "site:b"
         );
     }
-}
-
-/// This process's incarnation: chosen once per process start (process id and start time), sent
-/// with every primary-lease request, so the authority tells a restarted server (or a second
-/// process under the same server id) from the one that holds the lease.
-pub fn incarnation() -> &'static str {
-    static INCARNATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    INCARNATION.get_or_init(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        format!(
-            "{:x}-{:x}{:08x}",
-            std::process::id(),
-            t.as_secs(),
-            t.subsec_nanos()
-        )
-    })
 }
