@@ -20,12 +20,40 @@ use serde_json::{json, Value};
 pub const LEASE_MS: u64 = 1000;
 pub const DRIFT_MS: u64 = 100;
 
+/// A loopback port that is free now, picked *below* the kernel's ephemeral range: ports from
+/// `bind(0)` and the source ports of outgoing connections come from that range, so another
+/// process cannot be handed this port between our check and the daemon's bind (a port picked
+/// with `bind(0)` could be, and a member that cannot bind its port exits: seen as "connection
+/// refused" in a failed membership run). Only another test picking the same random port at the
+/// same moment could collide.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (base, span) = if lo > 12000 {
+        (10000u64, u64::from(lo) - 10000)
+    } else {
+        // An unusual range: fall back to the kernel's choice.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        return l.local_addr().unwrap().port();
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u64
+        ^ (u64::from(std::process::id()) << 20);
+    for i in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) + i;
+        // A multiplicative hash spreads successive picks over the range.
+        let port = (base + (seed + n).wrapping_mul(0x9E37_79B9_7F4A_7C15) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {lo}");
 }
 
 pub struct Member {
