@@ -1,5 +1,6 @@
 //! A model of the promotion protocol (two-phase commit across the global group and a site
-//! group), explored exhaustively by the `stateright` model checker.
+//! group), checked by the `stateright` model checker: every run up to a bound, and random long
+//! runs.
 //!
 //! What is real and what is modelled:
 //! - The participants are the real state machines: each group actor holds a
@@ -10,8 +11,9 @@
 //! - The coordinators are the real [`Coordinator`] step machine that `txn::promote` and
 //!   `txn::resolve` drive in the daemon. Requests and answers travel as the JSON they are on
 //!   the wire.
-//! - The network loses, duplicates and reorders every message (stateright's unordered
-//!   duplicating network, lossy). A coordinator re-sends its request on a timer (the client's
+//! - The network duplicates and reorders every message (stateright's unordered duplicating
+//!   network) and, in the random runs, loses them (in the exhaustive run a lost message is one
+//!   never delivered, see `exhaustive`). A coordinator re-sends its request on a timer (the client's
 //!   retry); an answer is taken only if it answers the request the coordinator is waiting on.
 //! - Crashes: any one actor at a time may crash and restart (stateright's crash/recover). A
 //!   restarted coordinator starts the promotion again under the same transaction id (the
@@ -20,8 +22,8 @@
 //!   "stale after" time is not a safety assumption, so the model does not have it).
 //!
 //! Two promotions of one device to the same site race (`t1` and `t2`), so intents have
-//! something to block. The properties are below (`always` and `sometimes`); a test at the end
-//! breaks the protocol on purpose and shows that the checker finds it.
+//! something to block. The properties are below (`always` and `sometimes`); two tests at the end
+//! break the protocol on purpose and show that the checker finds each flaw.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
