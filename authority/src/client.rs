@@ -363,6 +363,7 @@ impl AuthorityClient {
     }
 
     /// Ask for the primary lease. The grant counts from before the first attempt was sent.
+    /// The request names this process's [`incarnation`]: a restarted process is a new holder.
     pub async fn lease_acquire(
         &self,
         site: &str,
@@ -373,7 +374,8 @@ impl AuthorityClient {
         let r: LeaseReply = self
             .typed(
                 "lease_acquire",
-                json!({"site": site, "volume": volume, "server_id": server_id}),
+                json!({"site": site, "volume": volume, "server_id": server_id,
+                       "incarnation": incarnation()}),
             )
             .await?;
         Ok(self.grant(sent_at, r))
@@ -390,7 +392,8 @@ impl AuthorityClient {
         let r: LeaseReply = self
             .typed(
                 "lease_renew",
-                json!({"site": site, "volume": volume, "server_id": server_id, "epoch": epoch}),
+                json!({"site": site, "volume": volume, "server_id": server_id, "epoch": epoch,
+                       "incarnation": incarnation()}),
             )
             .await?;
         Ok(self.grant(sent_at, r))
@@ -405,7 +408,8 @@ impl AuthorityClient {
     ) -> Result<(), AuthError> {
         self.call(
             "lease_release",
-            json!({"site": site, "volume": volume, "server_id": server_id, "epoch": epoch}),
+            json!({"site": site, "volume": volume, "server_id": server_id, "epoch": epoch,
+                   "incarnation": incarnation()}),
         )
         .await
         .map(|_| ())
@@ -529,6 +533,24 @@ impl AuthorityClient {
         )
         .await
     }
+}
+
+/// This process's incarnation: chosen once per process start (process id and start time), sent
+/// with every primary-lease request, so the authority tells a restarted server (or a second
+/// process under the same server id) from the one that holds the lease.
+pub fn incarnation() -> &'static str {
+    static INCARNATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INCARNATION.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{:x}-{:x}{:08x}",
+            std::process::id(),
+            t.as_secs(),
+            t.subsec_nanos()
+        )
+    })
 }
 
 #[cfg(test)]

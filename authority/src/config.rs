@@ -33,8 +33,11 @@ pub struct AuthorityConfig {
     pub data_dir: PathBuf,
     /// JSON-RPC over TCP.
     pub rpc_addr: String,
-    /// Raft traffic between members.
+    /// Raft traffic between members: the address peers connect to (as in `members`).
     pub raft_addr: String,
+    /// Where to listen for Raft traffic, if not `raft_addr` (behind a proxy or NAT, or the
+    /// tests' fault-injecting relay, which peers reach at `raft_addr`).
+    pub raft_listen_addr: Option<String>,
     /// JSON-RPC over a Unix socket (none if absent).
     pub unix_socket: Option<PathBuf>,
     /// The sites; one tier-2 group each, beside the global group.
@@ -67,6 +70,7 @@ impl Default for AuthorityConfig {
             data_dir: PathBuf::from("/var/lib/tandem/authority"),
             rpc_addr: "127.0.0.1:7300".into(),
             raft_addr: "127.0.0.1:7301".into(),
+            raft_listen_addr: None,
             unix_socket: Some(PathBuf::from("/var/tmp/tandem-authority.sock")),
             sites: vec!["site-a".into(), "site-b".into()],
             members: Vec::new(),

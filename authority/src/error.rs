@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A refusal. It crosses the Raft log (state machine outcomes) and the wire, so it is data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
 pub enum AuthError {
     #[error("not the leader of this group (leader: {leader_addr:?})")]
     NotLeader { leader_addr: Option<String> },

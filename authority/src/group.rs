@@ -108,12 +108,14 @@ impl Group {
     }
 
     /// Grant or renew the primary lease of `volume` to `server_id` (the designated primary).
-    /// `expect_epoch` is the epoch a renewal holds (`None` for an acquire).
+    /// `expect_epoch` is the epoch a renewal holds (`None` for an acquire); `incarnation`
+    /// the holder process's, if its client sent one (another incarnation is another holder).
     pub async fn grant_lease(
         &self,
         volume: &str,
         server_id: &str,
         expect_epoch: Option<u64>,
+        incarnation: Option<&str>,
     ) -> Result<Grant, AuthError> {
         let read = |st: &GroupState| {
             let v = st
@@ -144,8 +146,10 @@ impl Group {
             server_id: server_id.to_string(),
             epoch,
             prev,
+            incarnation: incarnation.map(str::to_string),
         };
-        self.grant(volume, server_id, read, propose).await
+        self.grant(volume, server_id, incarnation, read, propose)
+            .await
     }
 
     /// Grant or renew the tier-1 lease of `device` to its authoritative volume (named by its
@@ -187,7 +191,7 @@ impl Group {
             generation,
             prev,
         };
-        self.grant(&format!("device:{device}"), site, read, propose)
+        self.grant(&format!("device:{device}"), site, None, read, propose)
             .await
     }
 
@@ -196,6 +200,7 @@ impl Group {
         &self,
         key: &str,
         holder: &str,
+        incarnation: Option<&str>,
         read: impl FnOnce(&GroupState) -> Result<LeaseView, AuthError>,
         propose: impl FnOnce(u64, Option<LeaseHolder>) -> Command,
     ) -> Result<Grant, AuthError> {
@@ -212,6 +217,7 @@ impl Group {
             let me = LeaseHolder {
                 server_id: holder.to_string(),
                 epoch: view.epoch,
+                incarnation: incarnation.map(str::to_string),
             };
             if view.recorded.as_ref() == Some(&me) {
                 // Renewal by the recorded holder: leadership was confirmed after the holder
@@ -239,6 +245,7 @@ impl Group {
                 let me = LeaseHolder {
                     server_id: holder.to_string(),
                     epoch: epoch_held,
+                    incarnation: incarnation.map(str::to_string),
                 };
                 self.clock.lock().expect("lease clock").record(
                     key,
@@ -271,6 +278,7 @@ impl Group {
         let me = LeaseHolder {
             server_id: site.to_string(),
             epoch: generation,
+            incarnation: None,
         };
         self.clock
             .lock()
@@ -285,16 +293,20 @@ impl Group {
         volume: &str,
         server_id: &str,
         epoch: u64,
+        incarnation: Option<&str>,
     ) -> Result<(), AuthError> {
+        let incarnation = incarnation.map(str::to_string);
         self.write(Command::ReleaseLease {
             volume: volume.to_string(),
             server_id: server_id.to_string(),
             epoch,
+            incarnation: incarnation.clone(),
         })
         .await?;
         let me = LeaseHolder {
             server_id: server_id.to_string(),
             epoch,
+            incarnation,
         };
         self.clock.lock().expect("lease clock").release(volume, &me);
         Ok(())

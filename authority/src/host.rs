@@ -101,9 +101,13 @@ impl Host {
                 Group::new(id, config.node_id, raft, state, log, timing),
             );
         }
-        let listener = TcpListener::bind(&config.raft_addr)
+        let listen = config
+            .raft_listen_addr
+            .as_deref()
+            .unwrap_or(&config.raft_addr);
+        let listener = TcpListener::bind(listen)
             .await
-            .map_err(io(format!("bind raft address {}", config.raft_addr)))?;
+            .map_err(io(format!("bind raft address {listen}")))?;
         let raft_task = tokio::spawn(network::serve(listener, table.clone()));
 
         let members = config.initial_members();

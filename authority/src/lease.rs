@@ -103,6 +103,7 @@ mod tests {
         LeaseHolder {
             server_id: s.into(),
             epoch: e,
+            incarnation: None,
         }
     }
 

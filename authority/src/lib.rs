@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod daemon;
 pub mod error;
 pub mod group;

@@ -37,6 +37,9 @@ enum Cmd {
         rpc_addr: Option<String>,
         #[arg(long)]
         raft_addr: Option<String>,
+        /// Listen for Raft traffic here instead of on --raft-addr (which peers dial).
+        #[arg(long)]
+        raft_listen_addr: Option<String>,
         /// Unix socket for JSON-RPC; "none" for no socket.
         #[arg(long)]
         unix_socket: Option<String>,
@@ -134,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             node_id,
             rpc_addr,
             raft_addr,
+            raft_listen_addr,
             unix_socket,
             sites,
             members,
@@ -158,6 +162,9 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(a) = raft_addr {
                 c.raft_addr = a;
+            }
+            if let Some(a) = raft_listen_addr {
+                c.raft_listen_addr = Some(a);
             }
             if let Some(u) = unix_socket {
                 c.unix_socket = if u == "none" { None } else { Some(u.into()) };

@@ -13,21 +13,26 @@ use serde_json::Value;
 use crate::error::AuthError;
 
 /// One server of a volume and whether it holds every acknowledged write.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VolumeServer {
     pub server_id: String,
     pub in_sync: bool,
 }
 
 /// Who was granted a volume's primary lease last, and under which epoch. `None` once released.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LeaseHolder {
     pub server_id: String,
     pub epoch: u64,
+    /// The holder process's incarnation (its client picks one per process start), if sent: a
+    /// restarted server (or a second process under the same id) is a new holder, which waits
+    /// until its predecessor's lease could have run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 /// The outcome of the last failover, kept so a retried request gets the same answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FailoverRecord {
     pub from_epoch: u64,
     pub primary: String,
@@ -37,7 +42,7 @@ pub struct FailoverRecord {
 }
 
 /// Tier 2: a volume (one device's copy in this site).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Volume {
     pub device: String,
     pub size_bytes: u64,
@@ -65,7 +70,7 @@ pub struct Server {
 }
 
 /// Tier 1: a device and which of its volumes may accept writes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Device {
     pub size_bytes: u64,
     pub block_size: u32,
@@ -81,7 +86,7 @@ pub struct Device {
 }
 
 /// A change that a two-phase transaction holds on a record until the decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TxnIntent {
     pub txn_id: String,
     pub new_generation: u64,
@@ -89,7 +94,7 @@ pub struct TxnIntent {
 }
 
 /// The coordinator's record of a promotion transaction (kept in the global group).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TxnRecord {
     pub device: String,
     pub to_site: String,
@@ -145,11 +150,16 @@ pub enum Command {
         server_id: String,
         epoch: u64,
         prev: Option<LeaseHolder>,
+        #[serde(default)]
+        incarnation: Option<String>,
     },
     ReleaseLease {
         volume: String,
         server_id: String,
         epoch: u64,
+        /// Only the incarnation that holds the lease releases it.
+        #[serde(default)]
+        incarnation: Option<String>,
     },
     SetInSync {
         volume: String,
@@ -384,6 +394,7 @@ impl GroupState {
                 server_id,
                 epoch,
                 prev,
+                incarnation,
             } => {
                 let v = self
                     .volumes
@@ -403,6 +414,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: server_id.clone(),
                     epoch: *epoch,
+                    incarnation: incarnation.clone(),
                 };
                 if v.lease_holder.as_ref() == Some(&me) {
                     // A retried or concurrent grant to the same holder.
@@ -433,13 +445,18 @@ impl GroupState {
                 volume,
                 server_id,
                 epoch,
+                incarnation,
             } => {
                 let v = self
                     .volumes
                     .get_mut(volume)
                     .ok_or_else(|| unknown_volume(volume))?;
                 match &v.lease_holder {
-                    Some(h) if h.server_id == *server_id && h.epoch == *epoch => {
+                    Some(h)
+                        if h.server_id == *server_id
+                            && h.epoch == *epoch
+                            && h.incarnation == *incarnation =>
+                    {
                         v.lease_holder = None;
                         Ok(Outcome::Done)
                     }
@@ -648,6 +665,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: site.clone(),
                     epoch: *generation,
+                    incarnation: None,
                 };
                 if d.lease_holder.as_ref() != Some(&me) {
                     if d.lease_holder != *prev {
@@ -682,6 +700,7 @@ impl GroupState {
                 let me = LeaseHolder {
                     server_id: site.clone(),
                     epoch: *generation,
+                    incarnation: None,
                 };
                 if d.lease_holder.as_ref() == Some(&me) {
                     d.lease_holder = None;

@@ -114,6 +114,43 @@ fn a_retried_failover_returns_the_first_answer_and_a_stale_one_is_refused() {
 }
 
 #[test]
+fn another_incarnation_of_the_holder_is_another_holder() {
+    let mut st = site_with_volume(&["s1", "s2"]);
+    let holder = |inc: &str| LeaseHolder {
+        server_id: "s1".into(),
+        epoch: 1,
+        incarnation: Some(inc.into()),
+    };
+    let grant = |inc: &str, prev: Option<LeaseHolder>| Command::GrantLease {
+        volume: "v".into(),
+        server_id: "s1".into(),
+        epoch: 1,
+        prev,
+        incarnation: Some(inc.into()),
+    };
+    st.apply(&grant("a", None)).unwrap();
+    // A restarted s1 (incarnation b) decided as if nobody held: refused, s1/a holds.
+    assert!(matches!(
+        st.apply(&grant("b", None)),
+        Err(AuthError::LeaseHeld { .. })
+    ));
+    // A release by b does not free a's lease.
+    let release = |inc: &str| Command::ReleaseLease {
+        volume: "v".into(),
+        server_id: "s1".into(),
+        epoch: 1,
+        incarnation: Some(inc.into()),
+    };
+    st.apply(&release("b")).unwrap();
+    assert_eq!(st.volumes["v"].lease_holder, Some(holder("a")));
+    // Decided after a's lease ran out (prev = a): granted to b.
+    st.apply(&grant("b", Some(holder("a")))).unwrap();
+    assert_eq!(st.volumes["v"].lease_holder, Some(holder("b")));
+    st.apply(&release("b")).unwrap();
+    assert_eq!(st.volumes["v"].lease_holder, None);
+}
+
+#[test]
 fn lease_grants_are_compare_and_set_on_the_previous_holder() {
     let mut st = site_with_volume(&["s1", "s2"]);
     let grant = |s: &str, e: u64, prev: Option<LeaseHolder>| Command::GrantLease {
@@ -121,6 +158,7 @@ fn lease_grants_are_compare_and_set_on_the_previous_holder() {
         server_id: s.into(),
         epoch: e,
         prev,
+        incarnation: None,
     };
     assert_eq!(
         st.apply(&grant("s2", 1, None)),
@@ -159,6 +197,7 @@ fn lease_grants_are_compare_and_set_on_the_previous_holder() {
     let prev = Some(LeaseHolder {
         server_id: "s1".into(),
         epoch: 1,
+        incarnation: None,
     });
     assert_eq!(
         st.apply(&grant("s2", 2, prev)),
@@ -351,13 +390,19 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 volume: v,
                 server_id: s,
                 epoch: e,
-                prev: p.map(|(server_id, epoch)| LeaseHolder { server_id, epoch }),
+                prev: p.map(|(server_id, epoch)| LeaseHolder {
+                    server_id,
+                    epoch,
+                    incarnation: None,
+                }),
+                incarnation: None,
             }),
         (volume.clone(), server.clone(), epoch.clone()).prop_map(|(v, s, e)| {
             Command::ReleaseLease {
                 volume: v,
                 server_id: s,
                 epoch: e,
+                incarnation: None,
             }
         }),
         (volume.clone(), server.clone(), any::<bool>(), epoch.clone()).prop_map(|(v, s, i, e)| {

@@ -10,6 +10,9 @@
 //! 3. global `TxnDecide`: the decision, recorded once; the first decision wins.
 //! 4. site then global `TxnFinish`: apply or drop the intents; global `TxnForget`.
 //!
+//! The steps and what each answer means are the pure [`Coordinator`] (coordinator.rs); this
+//! module runs it over JSON-RPC and hosts the methods and the recovery loop.
+//!
 //! Every step is idempotent by transaction id, so the coordinator may retry any of them, and
 //! [`resolve`] can finish a transaction whose coordinator died: it decides *abort* if nothing
 //! was decided yet (presumed abort; a site that never prepared remembers the abort, so a late
@@ -27,6 +30,7 @@ use serde_json::{json, Value};
 
 use crate::api::PromoteReply;
 use crate::client::AuthorityClient;
+use crate::coordinator::{Coordinator, Reply, Request};
 use crate::error::AuthError;
 use crate::host::Host;
 use crate::state::{Command, Outcome, TxnRecord};
@@ -47,23 +51,20 @@ pub trait Participants {
     ) -> impl Future<Output = Result<Option<TxnRecord>, AuthError>> + Send;
 }
 
-fn txn_outcome(o: Outcome) -> Result<(Option<bool>, u64), AuthError> {
-    match o {
-        Outcome::Txn {
-            decision,
-            new_generation,
-        } => Ok((decision, new_generation)),
-        other => Err(AuthError::Internal(format!("unexpected outcome {other:?}"))),
-    }
-}
+pub use crate::coordinator::Promoted;
 
-/// The result of a promotion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Promoted {
-    pub committed: bool,
-    pub new_generation: u64,
-    /// Why the site voted no, if it did.
-    pub refusal: Option<AuthError>,
+/// Run a coordinator to its end against `p`, one request at a time.
+async fn drive<P: Participants>(p: &P, mut c: Coordinator) -> Result<Promoted, AuthError> {
+    while let Some(req) = c.request() {
+        let reply = match req {
+            Request::Global(cmd) => Reply::Outcome(p.global(cmd).await),
+            Request::Site { site, cmd } => Reply::Outcome(p.site(&site, cmd).await),
+            Request::Record { txn_id } => Reply::Record(p.record(&txn_id).await),
+        };
+        c.on_reply(reply)?;
+    }
+    c.result()
+        .ok_or_else(|| AuthError::Internal(format!("transaction {} did not finish", c.txn_id())))
 }
 
 /// Coordinate the promotion of `device`'s volume in `to_site`. Any error means the
@@ -75,100 +76,13 @@ pub async fn promote<P: Participants>(
     device: &str,
     to_site: &str,
 ) -> Result<Promoted, AuthError> {
-    let begin = Command::TxnBegin {
-        txn_id: txn_id.into(),
-        device: device.into(),
-        to_site: to_site.into(),
-    };
-    let (decided, _) = txn_outcome(p.global(begin).await?)?;
-    let rec = p.record(txn_id).await?.ok_or_else(|| {
-        AuthError::Internal(format!("transaction {txn_id} vanished after its begin"))
-    })?;
-    let mut refusal = None;
-    let commit = match decided {
-        Some(d) => d,
-        None => {
-            let prepare = Command::TxnPrepare {
-                txn_id: txn_id.into(),
-                volume: rec.to_volume.clone(),
-                new_generation: rec.new_generation,
-                to_site: to_site.into(),
-            };
-            let vote = match p.site(to_site, prepare).await {
-                Ok(o) => txn_outcome(o)?.0 != Some(false),
-                // A refusal is a "no" vote; a lost answer is not a vote at all.
-                Err(
-                    e @ (AuthError::Unavailable { .. }
-                    | AuthError::NotLeader { .. }
-                    | AuthError::Internal(_)),
-                ) => return Err(e),
-                Err(e) => {
-                    refusal = Some(e);
-                    false
-                }
-            };
-            let decide = Command::TxnDecide {
-                txn_id: txn_id.into(),
-                commit: vote,
-            };
-            txn_outcome(p.global(decide).await?)?.0.unwrap_or(false)
-        }
-    };
-    finish(p, txn_id, &rec, commit).await?;
-    Ok(Promoted {
-        committed: commit,
-        new_generation: rec.new_generation,
-        refusal,
-    })
-}
-
-async fn finish<P: Participants>(
-    p: &P,
-    txn_id: &str,
-    rec: &TxnRecord,
-    commit: bool,
-) -> Result<(), AuthError> {
-    p.site(
-        &rec.to_site,
-        Command::TxnFinish {
-            txn_id: txn_id.into(),
-            commit,
-        },
-    )
-    .await?;
-    p.global(Command::TxnFinish {
-        txn_id: txn_id.into(),
-        commit,
-    })
-    .await?;
-    p.global(Command::TxnForget {
-        txn_id: txn_id.into(),
-    })
-    .await?;
-    Ok(())
+    drive(p, Coordinator::promote(txn_id, device, to_site)).await
 }
 
 /// Finish a transaction whose coordinator may be dead: abort it if undecided, then apply the
 /// decision everywhere. Returns the decision.
 pub async fn resolve<P: Participants>(p: &P, txn_id: &str) -> Result<bool, AuthError> {
-    let rec = p
-        .record(txn_id)
-        .await?
-        .ok_or_else(|| AuthError::InvalidParams(format!("unknown transaction {txn_id}")))?;
-    let commit = match rec.decision {
-        Some(d) => d,
-        None => txn_outcome(
-            p.global(Command::TxnDecide {
-                txn_id: txn_id.into(),
-                commit: false,
-            })
-            .await?,
-        )?
-        .0
-        .unwrap_or(false),
-    };
-    finish(p, txn_id, &rec, commit).await?;
-    Ok(commit)
+    Ok(drive(p, Coordinator::resolve(txn_id)).await?.committed)
 }
 
 /// Participants reached over JSON-RPC (`txn_step`), following each group's leader.

@@ -110,6 +110,9 @@ struct LeaseAcquire {
     site: String,
     volume: String,
     server_id: String,
+    /// The holder process's incarnation (optional; see state::LeaseHolder).
+    #[serde(default)]
+    incarnation: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +122,8 @@ struct LeaseEpoch {
     volume: String,
     server_id: String,
     epoch: u64,
+    #[serde(default)]
+    incarnation: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -368,7 +373,7 @@ pub async fn call(host: &Arc<Host>, method: &str, params: Value) -> Result<Value
             let p: LeaseAcquire = parse(params)?;
             let grant = host
                 .site(&p.site)?
-                .grant_lease(&p.volume, &p.server_id, None)
+                .grant_lease(&p.volume, &p.server_id, None, p.incarnation.as_deref())
                 .await?;
             to_value(LeaseReply {
                 epoch: grant.epoch,
@@ -380,7 +385,12 @@ pub async fn call(host: &Arc<Host>, method: &str, params: Value) -> Result<Value
             let p: LeaseEpoch = parse(params)?;
             let grant = host
                 .site(&p.site)?
-                .grant_lease(&p.volume, &p.server_id, Some(p.epoch))
+                .grant_lease(
+                    &p.volume,
+                    &p.server_id,
+                    Some(p.epoch),
+                    p.incarnation.as_deref(),
+                )
                 .await?;
             to_value(LeaseReply {
                 epoch: grant.epoch,
@@ -391,7 +401,7 @@ pub async fn call(host: &Arc<Host>, method: &str, params: Value) -> Result<Value
         "lease_release" => {
             let p: LeaseEpoch = parse(params)?;
             host.site(&p.site)?
-                .release_lease(&p.volume, &p.server_id, p.epoch)
+                .release_lease(&p.volume, &p.server_id, p.epoch, p.incarnation.as_deref())
                 .await?;
             Ok(json!({}))
         }
