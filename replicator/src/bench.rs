@@ -44,6 +44,9 @@ pub struct BenchArgs {
     /// MiB written while the secondary is down, then caught up.
     #[arg(long, default_value_t = 512)]
     pub catchup_mib: u64,
+    /// Leave out the catch-up and rebuild phases (to see whether they slow later rounds).
+    #[arg(long)]
+    pub skip_copy: bool,
     /// Queue depth of the throughput phases.
     #[arg(long, default_value_t = 32)]
     pub depth: usize,
@@ -411,7 +414,11 @@ struct Round {
     rebuild_copy_secs: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn median(v: Vec<f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = v.len();
     if n % 2 == 1 {
@@ -489,35 +496,42 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let repl_qd1 = replicated_latency(&w1, size, s)?;
         let rtt = loopback_rtt(s.min(1.0))?;
 
-        // Catch-up: the secondary misses `catchup_mib` of writes, then comes back.
-        site.kill9(&secondary)?;
-        replicated_throughput(
-            &w,
-            size,
-            Pattern::Seq128k,
-            a.depth,
-            3600.0,
-            Some(a.catchup_mib * MIB),
-        )?;
-        wait_degraded(&site, &primary)?;
-        let t0 = Instant::now();
-        site.restart(&secondary)?;
-        let (catchup_secs, catchup_copy_secs, regions) =
-            await_copy(&site, &primary, &secondary, t0)?;
-        let catchup_mb = (regions * MIB) as f64 / 1e6;
+        let (mut catchup_mb, mut catchup_secs, mut catchup_copy_secs) =
+            (f64::NAN, f64::NAN, f64::NAN);
+        let (mut rebuild_mb, mut rebuild_secs, mut rebuild_copy_secs) =
+            (f64::NAN, f64::NAN, f64::NAN);
+        if !a.skip_copy {
+            // Catch-up: the secondary misses `catchup_mib` of writes, then comes back.
+            site.kill9(&secondary)?;
+            replicated_throughput(
+                &w,
+                size,
+                Pattern::Seq128k,
+                a.depth,
+                3600.0,
+                Some(a.catchup_mib * MIB),
+            )?;
+            wait_degraded(&site, &primary)?;
+            let t0 = Instant::now();
+            site.restart(&secondary)?;
+            let regions;
+            (catchup_secs, catchup_copy_secs, regions) =
+                await_copy(&site, &primary, &secondary, t0)?;
+            catchup_mb = (regions * MIB) as f64 / 1e6;
 
-        // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
-        site.kill9(&secondary)?;
-        let sdir = site.server(&secondary)?.data_dir.clone();
-        std::fs::remove_dir_all(&sdir)?;
-        std::fs::create_dir_all(&sdir)?;
-        let t0 = Instant::now();
-        site.restart(&secondary)?;
-        let (rebuild_secs, rebuild_copy_secs, regions) =
-            await_copy(&site, &primary, &secondary, t0)?;
-        let rebuild_mb = (regions * MIB) as f64 / 1e6;
-        site.wait_in_sync(Duration::from_secs(60))?;
-
+            // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
+            site.kill9(&secondary)?;
+            let sdir = site.server(&secondary)?.data_dir.clone();
+            std::fs::remove_dir_all(&sdir)?;
+            std::fs::create_dir_all(&sdir)?;
+            let t0 = Instant::now();
+            site.restart(&secondary)?;
+            let regions;
+            (rebuild_secs, rebuild_copy_secs, regions) =
+                await_copy(&site, &primary, &secondary, t0)?;
+            rebuild_mb = (regions * MIB) as f64 / 1e6;
+            site.wait_in_sync(Duration::from_secs(60))?;
+        }
         let rd = Round {
             local_4k,
             repl_4k,

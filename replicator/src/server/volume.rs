@@ -844,6 +844,12 @@ impl VolumeRuntime {
             p.mark(off, len, false).await?;
         }
         ticket.ready().await;
+        if !sends.is_empty() {
+            // Let the links' writer tasks put the Replicate frames on the wire before the
+            // local write, which runs on this thread without yielding: the peers' round trip
+            // then overlaps it (seen in a syscall trace: the frame left only after the pwrite).
+            tokio::task::yield_now().await;
+        }
         let may_block = fua || op != WriteOp::Write;
         let local = store_op(&self.replica, may_block, move |rep| {
             match op {
