@@ -152,6 +152,7 @@ fn main() -> ExitCode {
             // inherits the mask across exec: unblock them so the server stops gracefully
             // (gives its lease back) on SIGTERM.
             unblock_termination_signals();
+            replicator::cli::tune_allocator();
             init_logging();
             replicator::cli::run_serve(args).map(|()| ExitCode::SUCCESS)
         }
