@@ -619,11 +619,17 @@ impl From<AuthorityError> for LocalSiteError {
 
 /// A minimal HTTP/1.1 GET; the body of a 2xx answer.
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    http(addr, "GET", path)
+}
+
+/// A minimal HTTP/1.1 request without a body (the admin port's API); the body of a 2xx
+/// answer, an `InvalidData` error naming the status otherwise.
+pub fn http(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;

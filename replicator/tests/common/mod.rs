@@ -491,20 +491,7 @@ impl Drop for ServerProc {
 
 /// A minimal HTTP/1.1 request; returns the body (errors on a non-2xx status).
 pub fn http(addr: &str, method: &str, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("no header end")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if !status.starts_with('2') {
-        bail!("HTTP {status}: {body}");
-    }
-    Ok(body.to_owned())
+    Ok(replicator::local_site::http(addr, method, path)?)
 }
 
 /// Polls `f` every 20 ms until it holds or `timeout` passes.
