@@ -251,6 +251,18 @@ pub enum Outcome {
 /// The state machine's response for one log entry.
 pub type CommandOutcome = Result<Outcome, AuthError>;
 
+/// The refusal while `holder` (a volume's or a device's recorded lease) is held, or was
+/// changed since the leader looked (then the holder may be nobody: released meanwhile).
+fn lease_held(holder: &Option<LeaseHolder>) -> AuthError {
+    AuthError::LeaseHeld {
+        holder: holder
+            .as_ref()
+            .map(|h| h.server_id.clone())
+            .unwrap_or_default(),
+        retry_after_ms: 0,
+    }
+}
+
 fn unknown_volume(volume: &str) -> AuthError {
     AuthError::UnknownVolume {
         volume: volume.to_string(),
@@ -380,11 +392,8 @@ impl GroupState {
                     .get(volume)
                     .ok_or_else(|| unknown_volume(volume))?;
                 txn_conflict(&v.intent)?;
-                if let Some(h) = &v.lease_holder {
-                    return Err(AuthError::LeaseHeld {
-                        holder: h.server_id.clone(),
-                        retry_after_ms: 0,
-                    });
+                if v.lease_holder.is_some() {
+                    return Err(lease_held(&v.lease_holder));
                 }
                 self.volumes.remove(volume);
                 Ok(Outcome::Done)
@@ -425,15 +434,7 @@ impl GroupState {
                 }
                 if v.lease_holder != *prev {
                     // Someone else was granted (or released) since the leader looked.
-                    let holder = v
-                        .lease_holder
-                        .as_ref()
-                        .map(|h| h.server_id.clone())
-                        .unwrap_or_default();
-                    return Err(AuthError::LeaseHeld {
-                        holder,
-                        retry_after_ms: 0,
-                    });
+                    return Err(lease_held(&v.lease_holder));
                 }
                 v.lease_holder = Some(me);
                 Ok(Outcome::Grant {
@@ -630,11 +631,8 @@ impl GroupState {
                         device: device.clone(),
                     })?;
                 txn_conflict(&d.intent)?;
-                if let Some(h) = &d.lease_holder {
-                    return Err(AuthError::LeaseHeld {
-                        holder: h.server_id.clone(),
-                        retry_after_ms: 0,
-                    });
+                if d.lease_holder.is_some() {
+                    return Err(lease_held(&d.lease_holder));
                 }
                 self.devices.remove(device);
                 Ok(Outcome::Done)
@@ -669,15 +667,7 @@ impl GroupState {
                 };
                 if d.lease_holder.as_ref() != Some(&me) {
                     if d.lease_holder != *prev {
-                        let holder = d
-                            .lease_holder
-                            .as_ref()
-                            .map(|h| h.server_id.clone())
-                            .unwrap_or_default();
-                        return Err(AuthError::LeaseHeld {
-                            holder,
-                            retry_after_ms: 0,
-                        });
+                        return Err(lease_held(&d.lease_holder));
                     }
                     d.lease_holder = Some(me);
                 }
