@@ -167,7 +167,23 @@ impl SiteServer {
             .map_err(io(format!("open {}", self.log.display())))?;
         // Its own process group: a Ctrl-C at the terminal reaches the site's owner, which
         // stops the servers in order, not every server at once behind its back.
-        let mut child = Command::new(&cmd.program)
+        let mut command = Command::new(&cmd.program);
+        // An owner that waits for signals with sigwait blocks them (vhost-target's cluster)
+        // and a child inherits the mask across exec: the server would then never see its
+        // SIGTERM and lose its chance to give the lease back.
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // sigemptyset and sigprocmask, which are async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .process_group(0)
             .args(&cmd.args_prefix)
             .args(&self.args)
@@ -201,12 +217,7 @@ impl SiteServer {
             Ok(l) => l,
             Err(_) => return Err(fail(&mut child, "no \"listening\" line".into())),
         };
-        let addr = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .map(str::to_owned)
-        };
-        let (Some(d), Some(a)) = (addr("data="), addr("admin=")) else {
+        let Some((d, a)) = listening_addrs(&line) else {
             return Err(fail(&mut child, format!("unexpected first line {line:?}")));
         };
         self.data_addr = d;
@@ -615,6 +626,17 @@ impl From<AuthorityError> for LocalSiteError {
     fn from(e: AuthorityError) -> Self {
         LocalSiteError::Authority(e.to_string())
     }
+}
+
+/// The data and admin addresses of a server's first stdout line,
+/// `replicator listening data=ADDR admin=ADDR`.
+pub fn listening_addrs(line: &str) -> Option<(String, String)> {
+    let addr = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    Some((addr("data=")?, addr("admin=")?))
 }
 
 /// A minimal HTTP/1.1 GET; the body of a 2xx answer.

@@ -148,10 +148,6 @@ fn main() -> ExitCode {
         }
         Command::Cluster(args) => cluster(args),
         Command::ReplicatorServe(args) => {
-            // `cluster` blocks SIGINT/SIGTERM (it waits for them with sigwait) and a child
-            // inherits the mask across exec: unblock them so the server stops gracefully
-            // (gives its lease back) on SIGTERM.
-            unblock_termination_signals();
             replicator::cli::tune_allocator();
             init_logging();
             replicator::cli::run_serve(args).map(|()| ExitCode::SUCCESS)
@@ -250,17 +246,6 @@ fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
     Ok(set)
-}
-
-fn unblock_termination_signals() {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it; the signals are valid.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 /// Waits until SIGINT or SIGTERM (blocked in every thread) is pending.

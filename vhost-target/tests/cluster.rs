@@ -110,4 +110,8 @@ fn cluster_serves_a_replicated_disk_survives_a_primary_kill_and_stops_cleanly() 
         assert!(!alive(p), "server pid {p} outlived the cluster");
     }
     assert!(log().contains("stopped"));
+    // The surviving primary stopped gracefully (its SIGTERM was not blocked): it gave its
+    // lease back rather than being killed.
+    let s2 = std::fs::read_to_string(dir.path().join("site/s2.log")).unwrap_or_default();
+    assert!(s2.contains("lease released"), "s2's log:\n{s2}");
 }

@@ -420,17 +420,7 @@ impl ServerProc {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .context("server did not start")?;
-        let mut data = None;
-        let mut admin = None;
-        for w in line.split_whitespace() {
-            if let Some(a) = w.strip_prefix("data=") {
-                data = Some(a.to_owned());
-            }
-            if let Some(a) = w.strip_prefix("admin=") {
-                admin = Some(a.to_owned());
-            }
-        }
-        let (Some(d), Some(a)) = (data, admin) else {
+        let Some((d, a)) = replicator::local_site::listening_addrs(&line) else {
             bail!("unexpected first line {line:?}; log: {}", self.log_text());
         };
         self.data_addr = d;
