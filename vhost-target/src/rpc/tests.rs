@@ -546,3 +546,90 @@ fn kill_instance_accepts_only_stopping_signals() {
     let r = rpc(&t, "spdk_kill_instance", json!({}));
     assert_eq!(err_code(&r), code::INVALID_PARAMS as i64);
 }
+
+#[test]
+fn bad_replicated_bdev_and_keyring_params_are_refused_before_anything_connects() {
+    let t = shared();
+    let base = json!({"name": "Rep0", "authority": "127.0.0.1:1", "volume": "v", "key_name": "k"});
+    let with = |k: &str, v: Value| {
+        let mut p = base.clone();
+        p[k] = v;
+        p
+    };
+    // Neither a device nor a volume.
+    let r = rpc(
+        &t,
+        "bdev_replicated_create",
+        json!({"name": "Rep0", "authority": "127.0.0.1:1", "key_name": "k"}),
+    );
+    assert_eq!(err_code(&r), -22, "{r}");
+    assert!(err_msg(&r).contains("device"), "{r}");
+    // An empty authority address, a zero timeout.
+    let r = rpc(
+        &t,
+        "bdev_replicated_create",
+        with("authority", json!("a:1,")),
+    );
+    assert!(
+        err_code(&r) == -22 && err_msg(&r).contains("authority"),
+        "{r}"
+    );
+    let r = rpc(
+        &t,
+        "bdev_replicated_create",
+        with("io_timeout_ms", json!(0)),
+    );
+    assert!(
+        err_code(&r) == -22 && err_msg(&r).contains("io_timeout_ms"),
+        "{r}"
+    );
+    // A key the keyring does not have: ENOKEY, naming it.
+    let r = rpc(&t, "bdev_replicated_create", base.clone());
+    assert_eq!(err_code(&r), -(libc::ENOKEY as i64), "{r}");
+    assert!(err_msg(&r).contains('k'), "{r}");
+    // Keyring: a missing file, a relative path, an unknown key to remove.
+    let r = rpc(
+        &t,
+        "keyring_file_add_key",
+        json!({"name": "k", "path": "/nonexistent/tandem.key"}),
+    );
+    assert!(
+        err_code(&r) == -22 && err_msg(&r).contains("cannot read"),
+        "{r}"
+    );
+    let r = rpc(
+        &t,
+        "keyring_file_add_key",
+        json!({"name": "k", "path": "rel.key"}),
+    );
+    assert!(
+        err_code(&r) == -22 && err_msg(&r).contains("absolute"),
+        "{r}"
+    );
+    let r = rpc(&t, "keyring_file_remove_key", json!({"name": "k"}));
+    assert_eq!(err_code(&r), -(libc::ENOKEY as i64), "{r}");
+    // Fault injection on a bdev that is not replicated; unknown bdev.
+    with_malloc0_on_vhost0(&t);
+    let r = rpc(
+        &t,
+        "bdev_replicated_cut",
+        json!({"name": "Malloc0", "servers": ["s1"]}),
+    );
+    assert!(
+        err_code(&r) == -19 && err_msg(&r).contains("not a replicated"),
+        "{r}"
+    );
+    let r = rpc(
+        &t,
+        "bdev_replicated_cut",
+        json!({"name": "nope", "servers": []}),
+    );
+    assert_eq!(err_code(&r), -19, "{r}");
+    // Nothing was created.
+    let r = rpc(&t, "bdev_get_bdevs", json!({}));
+    assert_eq!(r["result"].as_array().unwrap().len(), 1, "{r}");
+    assert!(rpc(&t, "keyring_get_keys", json!({}))["result"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
