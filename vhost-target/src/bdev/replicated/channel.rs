@@ -53,8 +53,6 @@ pub struct ReplicatedChannel {
     bounds: IoBounds,
     slots: Box<[Slot]>,
     free: Vec<u32>,
-    /// Parts submitted to the pipeline worker and not yet completed.
-    parts_in_flight: u32,
     /// The pipeline worker's depth.
     part_capacity: u32,
     /// Requests that failed after some parts were refused, delivered at the next poll.
@@ -81,7 +79,6 @@ impl ReplicatedChannel {
             bounds,
             slots: vec![FREE; queue_depth as usize].into_boxed_slice(),
             free: (0..queue_depth).rev().collect(),
-            parts_in_flight: 0,
             part_capacity,
             failed: CompletionRing::with_capacity(queue_depth as usize),
         }
@@ -225,7 +222,7 @@ impl IoChannel for ReplicatedChannel {
         if parts > self.part_capacity {
             return Err(SubmitError::Refused(IoError::Errno(libc::EINVAL)));
         }
-        if self.free.is_empty() || self.parts_in_flight + parts > self.part_capacity {
+        if self.free.is_empty() || self.worker.inflight() as u32 + parts > self.part_capacity {
             return Err(SubmitError::Busy);
         }
         let ix = self.free.pop().expect("checked");
@@ -291,7 +288,7 @@ impl IoChannel for ReplicatedChannel {
                 }
             };
             if self.worker.submit(req).is_err() {
-                // Cannot happen while parts_in_flight tracks the worker's depth; fail the
+                // Cannot happen: the check above keeps within the worker's depth; fail the
                 // rest of this request rather than lose track of it.
                 let left = parts - part;
                 let s = &mut self.slots[ix as usize];
@@ -307,7 +304,6 @@ impl IoChannel for ReplicatedChannel {
                 }
                 break;
             }
-            self.parts_in_flight += 1;
         }
         Ok(())
     }
@@ -319,7 +315,6 @@ impl IoChannel for ReplicatedChannel {
             n += 1;
         }
         while let Some(c) = self.worker.poll() {
-            self.parts_in_flight -= 1;
             let ix = (c.tag & 0xffff_ffff) as u32;
             let part = c.tag >> 32;
             let slot = self.slots[ix as usize];
