@@ -234,10 +234,6 @@ impl ReplicatedBdev {
         *cut.lock().expect("cut set") = servers.iter().cloned().collect();
         Ok(())
     }
-
-    pub fn key_name(&self) -> &str {
-        &self.opts.key_name
-    }
 }
 
 impl Bdev for ReplicatedBdev {
