@@ -4,15 +4,20 @@
 //!
 //! Replicated: a [`LocalSite`] (the authority in this process, two `replicator serve`
 //! children on loopback, data files under `DIR/site`), written through the client library
-//! ([`ReplicationPipeline`]) from this process. Local: a [`ReplicaStore`] volume of the same
-//! geometry under `DIR/local` (the same sparse-file store code, on the same disk), written by
-//! `min(depth, cores)` threads calling `VolumeReplica::write_at` — a synchronous `pwrite` has
-//! no queue depth of its own, and more threads than cores only contend for the inode lock.
+//! ([`ReplicationPipeline`]) from this process. One server: a second `LocalSite` under
+//! `DIR/solo` whose volume has a single replica, written the same way: the same client,
+//! protocol, server and store without replication, so the difference is what replication
+//! costs (the issue's targets compare against this). Store: a [`ReplicaStore`] volume of the
+//! same geometry under `DIR/local` (the same sparse-file store code, on the same disk),
+//! written in this process by `min(depth, cores)` threads calling `VolumeReplica::write_at` —
+//! the floor without any network; a synchronous `pwrite` has no queue depth of its own, and
+//! more threads than cores only contend for the inode lock.
 //!
-//! Rounds interleave local and replicated phases (the disk's speed drifts); every round's
-//! numbers are printed, and the medians.
+//! Rounds interleave the phases (the disk's speed drifts); every round's numbers are
+//! printed, and the medians. `--only` runs one replicated phase alone, for profiling.
 
-use crate::frame::VolumeName;
+use crate::authority::VolumeInfo;
+use crate::frame::{self, VolumeName};
 use crate::local_site::{LocalSite, LocalSiteOptions, ServerCommand};
 use crate::pipeline::{IoKind, IoRequest, PipelineConfig, PipelineWorker, ReplicationPipeline};
 use crate::store::{ReplicaStore, VolumeReplica};
@@ -59,7 +64,19 @@ pub struct BenchArgs {
     /// Program that runs a server (default: this executable, `serve`).
     #[arg(long)]
     pub server_program: Option<PathBuf>,
+    /// Runs only this replicated phase for `--seconds` once and prints its figure (for
+    /// profiling one phase with `perf`; no local run, no ratios).
+    #[arg(long, value_parser = ["4k", "128k", "qd1", "qd1-raw"])]
+    pub only: Option<String>,
+    /// How the submitting thread waits for completions, as a `vhost-target` queue worker
+    /// would: `adaptive` (its default: poll for 200 us, then sleep on the completion
+    /// eventfd) or `interrupt` (always sleep on the eventfd).
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "interrupt"])]
+    pub wait: String,
 }
+
+/// The adaptive queue worker's polling spell (`vhost-target`'s `ADAPTIVE_IDLE`).
+const ADAPTIVE_SPIN: Duration = Duration::from_micros(200);
 
 /// A small fast PRNG (xorshift64*): random offsets without a dependency.
 struct Rng(u64);
@@ -159,8 +176,23 @@ fn local_throughput(
     })
 }
 
-/// Blocks until the worker's completion eventfd is readable (or `timeout`), then resets it:
-/// how a queue worker in interrupt mode waits, without burning a core the servers need.
+/// Waits for a completion the way a queue worker does: in adaptive mode it polls the
+/// completion queue for [`ADAPTIVE_SPIN`] first; then (and in interrupt mode at once) it
+/// sleeps on the completion eventfd.
+fn wait_completion(w: &PipelineWorker, adaptive: bool) {
+    if adaptive {
+        let t = Instant::now();
+        while t.elapsed() < ADAPTIVE_SPIN {
+            if w.has_completions() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    wait_fd(w.completion_fd(), Duration::from_millis(100));
+}
+
+/// Blocks until the worker's completion eventfd is readable (or `timeout`), then resets it.
 fn wait_fd(fd: RawFd, timeout: Duration) {
     let mut p = libc::pollfd {
         fd,
@@ -203,6 +235,7 @@ fn replicated_throughput(
     depth: usize,
     secs: f64,
     total_bytes: Option<u64>,
+    adaptive: bool,
 ) -> anyhow::Result<Throughput> {
     let offs = Offsets {
         pattern,
@@ -233,7 +266,7 @@ fn replicated_throughput(
         }
         take_completions(w, &mut done)?;
         if w.inflight() >= depth || !more {
-            wait_fd(w.completion_fd(), Duration::from_millis(100));
+            wait_completion(w, adaptive);
             take_completions(w, &mut done)?;
         }
         if start.elapsed() > Duration::from_secs_f64(secs) + Duration::from_secs(60) {
@@ -279,7 +312,12 @@ fn local_latency(rep: &VolumeReplica, secs: f64) -> anyhow::Result<Latency> {
     Ok(percentiles(lat))
 }
 
-fn replicated_latency(w: &PipelineWorker, size: u64, secs: f64) -> anyhow::Result<Latency> {
+fn replicated_latency(
+    w: &PipelineWorker,
+    size: u64,
+    secs: f64,
+    adaptive: bool,
+) -> anyhow::Result<Latency> {
     let mut rng = Rng(0x0FED_CBA9_8765_4321);
     let buf = vec![0x3Cu8; BS as usize];
     let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -293,11 +331,44 @@ fn replicated_latency(w: &PipelineWorker, size: u64, secs: f64) -> anyhow::Resul
         }
         let before = done;
         while done == before {
-            wait_fd(w.completion_fd(), Duration::from_millis(100));
+            wait_completion(w, adaptive);
             take_completions(w, &mut done)?;
             if t.elapsed() > Duration::from_secs(30) {
                 bail!("QD1 write did not complete");
             }
+        }
+        lat.push(t.elapsed());
+    }
+    Ok(percentiles(lat))
+}
+
+/// QD1 writes sent straight to the primary over one blocking socket, no pipeline: what the
+/// servers cost on their own (`--only qd1-raw`; the difference to `qd1` is the pipeline's).
+fn raw_latency(info: &VolumeInfo, size: u64, secs: f64) -> anyhow::Result<Latency> {
+    let p = info.primary_entry().context("no primary")?;
+    let mut c = std::net::TcpStream::connect(&p.data_addr)?;
+    c.set_nodelay(true)?;
+    let buf = vec![0x3Cu8; BS as usize];
+    let mut rng = Rng(7);
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    let mut hdr = [0u8; frame::HEADER_LEN];
+    let mut id = 0;
+    while Instant::now() < end {
+        id += 1;
+        let mut h = frame::Header::new(frame::MsgKind::Write, id, VolumeName::new(&info.volume)?);
+        h.generation = info.generation;
+        h.epoch = info.epoch;
+        h.offset = (rng.next() % (size / BS)) * BS;
+        h.length = BS as u32;
+        let t = Instant::now();
+        c.write_all(&frame::encode(&h, &buf))?;
+        c.read_exact(&mut hdr)?;
+        let raw = frame::parse_header_prefix(&hdr)?;
+        let mut payload = vec![0u8; raw.payload_len];
+        c.read_exact(&mut payload)?;
+        if frame::finish_decode(&raw, payload)?.header.kind != frame::MsgKind::Ok {
+            bail!("write {id} refused by the primary");
         }
         lat.push(t.elapsed());
     }
@@ -400,10 +471,13 @@ fn wait_degraded(site: &LocalSite, primary: &str) -> anyhow::Result<()> {
 
 struct Round {
     local_4k: Throughput,
+    single_4k: Throughput,
     repl_4k: Throughput,
     local_128k: Throughput,
+    single_128k: Throughput,
     repl_128k: Throughput,
     local_qd1: Latency,
+    single_qd1: Latency,
     repl_qd1: Latency,
     rtt: Latency,
     catchup_mb: f64,
@@ -461,7 +535,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|s| s.to_string())
         .chain(a.server_args.iter().cloned())
         .collect();
+    let mut solo_opts = opts.clone();
+    solo_opts.site = "site-solo".into();
+    solo_opts.servers = vec!["solo".into()];
     let mut site = LocalSite::start(&a.dir.join("site"), opts)?;
+    // The same store behind the same client library and server, without replication: one
+    // server, no secondary. What replication costs is the difference to this.
+    let solo = LocalSite::start(&a.dir.join("solo"), solo_opts)?;
     let primary = site.primary().context("no primary")?;
     let secondary = site
         .servers()
@@ -476,6 +556,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     ))?;
     let w = pipeline.worker(a.depth)?;
     let w1 = pipeline.worker(1)?;
+    let solo_pipeline = ReplicationPipeline::start(PipelineConfig::new(
+        &solo.opts.site,
+        &solo.opts.volume,
+        solo.authority(),
+    ))?;
+    let sw = solo_pipeline.worker(a.depth)?;
+    let sw1 = solo_pipeline.worker(1)?;
 
     eprintln!(
         "bench: {} rounds, {} s per phase, volume {} MiB, depth {}, local threads {threads}, dir {}",
@@ -486,14 +573,51 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.dir.display()
     );
     let s = a.seconds;
+    let adaptive = a.wait == "adaptive";
+    if let Some(only) = a.only.as_deref() {
+        eprintln!("profiling phase ready (pid {})", std::process::id());
+        match only {
+            "4k" => {
+                let t =
+                    replicated_throughput(&w, size, Pattern::Random4k, a.depth, s, None, adaptive)?;
+                println!("4k random QD{}: {:.0} IOPS", a.depth, t.iops());
+            }
+            "128k" => {
+                let t =
+                    replicated_throughput(&w, size, Pattern::Seq128k, a.depth, s, None, adaptive)?;
+                println!("128k sequential QD{}: {:.0} MB/s", a.depth, t.mbps());
+            }
+            "qd1-raw" => {
+                let l = raw_latency(&site.info()?, size, s)?;
+                println!(
+                    "QD1 4k straight to the primary (no pipeline): p50 {:.1} us, p99 {:.1} us, {} writes",
+                    l.p50_us, l.p99_us, l.n
+                );
+            }
+            _ => {
+                let l = replicated_latency(&w1, size, s, adaptive)?;
+                println!(
+                    "QD1 4k: p50 {:.1} us, p99 {:.1} us, {} writes",
+                    l.p50_us, l.p99_us, l.n
+                );
+            }
+        }
+        return Ok(());
+    }
     let mut rounds = Vec::new();
     for r in 0..a.rounds {
+        let through = |w: &PipelineWorker, p: Pattern| {
+            replicated_throughput(w, size, p, a.depth, s, None, adaptive)
+        };
         let local_4k = local_throughput(&local, Pattern::Random4k, threads, s)?;
-        let repl_4k = replicated_throughput(&w, size, Pattern::Random4k, a.depth, s, None)?;
+        let single_4k = through(&sw, Pattern::Random4k)?;
+        let repl_4k = through(&w, Pattern::Random4k)?;
         let local_128k = local_throughput(&local, Pattern::Seq128k, threads, s)?;
-        let repl_128k = replicated_throughput(&w, size, Pattern::Seq128k, a.depth, s, None)?;
+        let single_128k = through(&sw, Pattern::Seq128k)?;
+        let repl_128k = through(&w, Pattern::Seq128k)?;
         let local_qd1 = local_latency(&local, s)?;
-        let repl_qd1 = replicated_latency(&w1, size, s)?;
+        let single_qd1 = replicated_latency(&sw1, size, s, adaptive)?;
+        let repl_qd1 = replicated_latency(&w1, size, s, adaptive)?;
         let rtt = loopback_rtt(s.min(1.0))?;
 
         let (mut catchup_mb, mut catchup_secs, mut catchup_copy_secs) =
@@ -510,6 +634,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 a.depth,
                 3600.0,
                 Some(a.catchup_mib * MIB),
+                adaptive,
             )?;
             wait_degraded(&site, &primary)?;
             let t0 = Instant::now();
@@ -534,10 +659,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         let rd = Round {
             local_4k,
+            single_4k,
             repl_4k,
             local_128k,
+            single_128k,
             repl_128k,
             local_qd1,
+            single_qd1,
             repl_qd1,
             rtt,
             catchup_mb,
@@ -548,16 +676,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             rebuild_copy_secs,
         };
         eprintln!(
-            "round {}: 4k local {:.0} repl {:.0} IOPS ({:.2}x); 128k local {:.0} repl {:.0} MB/s ({:.2}x); \
-             QD1 p50 local {:.1} repl {:.1} us, rtt {:.1} us; catch-up {:.0} MB/s, rebuild {:.0} MB/s",
+            "round {}: 4k store {:.0} one server {:.0} repl {:.0} IOPS ({:.2}x); \
+             128k store {:.0} one server {:.0} repl {:.0} MB/s ({:.2}x); \
+             QD1 p50 store {:.1} one server {:.1} repl {:.1} us, rtt {:.1} us; \
+             catch-up {:.0} MB/s, rebuild {:.0} MB/s",
             r + 1,
             rd.local_4k.iops(),
+            rd.single_4k.iops(),
             rd.repl_4k.iops(),
-            rd.repl_4k.iops() / rd.local_4k.iops(),
+            rd.repl_4k.iops() / rd.single_4k.iops(),
             rd.local_128k.mbps(),
+            rd.single_128k.mbps(),
             rd.repl_128k.mbps(),
-            rd.repl_128k.mbps() / rd.local_128k.mbps(),
+            rd.repl_128k.mbps() / rd.single_128k.mbps(),
             rd.local_qd1.p50_us,
+            rd.single_qd1.p50_us,
             rd.repl_qd1.p50_us,
             rd.rtt.p50_us,
             rd.catchup_mb / rd.catchup_copy_secs,
@@ -565,10 +698,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
         rounds.push(rd);
     }
-    drop(w);
-    drop(w1);
-    drop(pipeline);
+    drop((w, w1, sw, sw1));
+    drop((pipeline, solo_pipeline));
     site.stop();
+    solo.stop();
     report(&rounds, &a, threads, cores);
     Ok(())
 }
@@ -576,45 +709,51 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 /// Prints the results as Markdown (what docs/replication-performance.md holds).
 fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
     println!(
-        "Rounds: {}, {} s per phase; volume {} MiB (4 KiB blocks), depth {}; local: {threads} writer thread(s) on {cores} cores.\n",
+        "Rounds: {}, {} s per phase; volume {} MiB (4 KiB blocks), depth {}; store: {threads} writer thread(s) on {cores} cores.\n",
         rounds.len(),
         a.seconds,
         a.size_mib,
         a.depth
     );
-    println!("| round | 4k QD{d} local IOPS | 4k QD{d} replicated IOPS | ratio | 128k seq local MB/s | 128k seq replicated MB/s | ratio |", d = a.depth);
-    println!("|---|---|---|---|---|---|---|");
+    println!("Store = `VolumeReplica::write_at` in this process; one server = client library to one server without a secondary; replicated = client library to a primary with one in-sync secondary. Ratio = replicated / one server.\n");
+    println!("| round | 4k QD{d} store IOPS | one server | replicated | ratio | 128k seq store MB/s | one server | replicated | ratio |", d = a.depth);
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (i, r) in rounds.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |",
             i + 1,
             r.local_4k.iops(),
+            r.single_4k.iops(),
             r.repl_4k.iops(),
-            r.repl_4k.iops() / r.local_4k.iops(),
+            r.repl_4k.iops() / r.single_4k.iops(),
             r.local_128k.mbps(),
+            r.single_128k.mbps(),
             r.repl_128k.mbps(),
-            r.repl_128k.mbps() / r.local_128k.mbps()
+            r.repl_128k.mbps() / r.single_128k.mbps()
         );
     }
     let m = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
     println!(
-        "| median | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+        "| median | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |\n",
         m(&|r| r.local_4k.iops()),
+        m(&|r| r.single_4k.iops()),
         m(&|r| r.repl_4k.iops()),
-        m(&|r| r.repl_4k.iops() / r.local_4k.iops()),
+        m(&|r| r.repl_4k.iops() / r.single_4k.iops()),
         m(&|r| r.local_128k.mbps()),
+        m(&|r| r.single_128k.mbps()),
         m(&|r| r.repl_128k.mbps()),
-        m(&|r| r.repl_128k.mbps() / r.local_128k.mbps()),
+        m(&|r| r.repl_128k.mbps() / r.single_128k.mbps()),
     );
-    println!("| round | QD1 local p50 / p99 us | QD1 replicated p50 / p99 us | loopback RTT p50 / p99 us | budget (local p50 + RTT p50 + 30) | replicated p50 within budget |");
-    println!("|---|---|---|---|---|---|");
+    println!("| round | QD1 store p50 us | one server p50 / p99 us | replicated p50 / p99 us | loopback RTT p50 / p99 us | budget (one server p50 + RTT p50 + 30) | replicated p50 within budget |");
+    println!("|---|---|---|---|---|---|---|");
     for (i, r) in rounds.iter().enumerate() {
-        let budget = r.local_qd1.p50_us + r.rtt.p50_us + 30.0;
+        let budget = r.single_qd1.p50_us + r.rtt.p50_us + 30.0;
         println!(
-            "| {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {} |",
+            "| {} | {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {} |",
             i + 1,
             r.local_qd1.p50_us,
-            r.local_qd1.p99_us,
+            r.single_qd1.p50_us,
+            r.single_qd1.p99_us,
             r.repl_qd1.p50_us,
             r.repl_qd1.p99_us,
             r.rtt.p50_us,
@@ -628,8 +767,8 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
         );
     }
     println!(
-        "\nQD1 samples per round: local {}, replicated {}.\n",
-        rounds[0].local_qd1.n, rounds[0].repl_qd1.n
+        "\nQD1 samples per round: store {}, one server {}, replicated {}.\n",
+        rounds[0].local_qd1.n, rounds[0].single_qd1.n, rounds[0].repl_qd1.n
     );
     println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -165,6 +165,11 @@ impl PipelineWorker {
         Some(c)
     }
 
+    /// Whether a completion is waiting (a polling worker's check; takes nothing).
+    pub fn has_completions(&self) -> bool {
+        !self.q.cq.is_empty()
+    }
+
     pub fn inflight(&self) -> usize {
         self.q.inflight.load(Ordering::Acquire)
     }
