@@ -91,9 +91,12 @@ pub struct ServeArgs {
     /// Allow POST /fault on the admin port (tests only).
     #[arg(long)]
     pub enable_fault_injection: bool,
-    /// Runtime threads serving connections (0: one per core; 1: a single-threaded runtime,
-    /// no cross-thread wake-ups per request, for a server on a small machine).
-    #[arg(long, default_value_t = 0)]
+    /// Runtime threads serving connections. 1 (the default): a single-threaded runtime, so
+    /// a request crosses no thread inside the server; on the 2-vCPU bench machine that took
+    /// the replicated QD1 write from ~190 to ~140 us p50 at the same throughput
+    /// (docs/replication-performance.md). 0: one per core, for a server whose many busy
+    /// volumes need more than one core; N: exactly N.
+    #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
 }
 
