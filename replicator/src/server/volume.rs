@@ -27,8 +27,10 @@ const SEQ_CHUNK: u64 = 1 << 20;
 /// Activity-log marks cover aligned groups of this many regions (see `activity_mark`).
 const ACTIVITY_GROUP: u64 = 16;
 
-/// Region copies a catch-up keeps in flight.
-const CATCH_UP_WINDOW: usize = 8;
+/// Region copies a catch-up keeps in flight (16 MiB at the default region size). On the
+/// bench machine's ext4 disk 16 copied ~350 MB/s against ~260 with 8, once each copy starts
+/// its own write-back (`VolumeReplica::start_writeback`).
+const CATCH_UP_WINDOW: usize = 16;
 
 /// The answer to one region copy.
 type CopyAnswer =
@@ -1159,9 +1161,16 @@ impl VolumeRuntime {
         }
         ticket.ready().await;
         let (off, len, fua) = (h.offset, h.length as u64, h.flags & FLAG_FUA != 0);
-        let may_block = fua || op != ReplicaOp::Write;
+        let copy = h.flags & FLAG_CATCH_UP != 0;
+        let may_block = fua || copy || op != ReplicaOp::Write;
         let r = store_op(&self.replica, may_block, move |rep| {
             match op {
+                ReplicaOp::Write if copy => {
+                    rep.write_at(off, &payload)?;
+                    // Measured on ext4: without this a 1 GiB rebuild wrote it all into the
+                    // page cache first and then waited for the disk in the closing flush.
+                    rep.start_writeback(off, len)?
+                }
                 ReplicaOp::Write => rep.write_at(off, &payload)?,
                 ReplicaOp::WriteZeroes | ReplicaOp::Discard => rep.punch_zeroes(off, len)?,
                 ReplicaOp::Flush => rep.sync()?,
