@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Replication benchmark: writes through the client library (ReplicationPipeline) to two
 # `replicator serve` processes on loopback (real authority, in the bench process), against
-# the same store written locally, in interleaved rounds; then catch-up and rebuild
-# throughput. Not a test: prints Markdown (docs/replication-performance.md).
+# the same client writing to one server without a secondary and the store written in this
+# process, in interleaved rounds; then catch-up and rebuild throughput. Not a test: prints Markdown (docs/replication-performance.md).
 #
 #   ci/bench-replicator.sh [DIR] [ROUNDS] [SECONDS] [-- more `replicator bench` flags]
 #
