@@ -554,18 +554,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|s| s.id.clone())
         .find(|s| *s != primary)
         .context("no secondary")?;
-    let pipeline = ReplicationPipeline::start(PipelineConfig::new(
-        &site.opts.site,
-        &site.opts.volume,
-        site.authority(),
-    ))?;
+    let pipeline = site_pipeline(&site)?;
     let w = pipeline.worker(a.depth)?;
     let w1 = pipeline.worker(1)?;
-    let solo_pipeline = ReplicationPipeline::start(PipelineConfig::new(
-        &solo.opts.site,
-        &solo.opts.volume,
-        solo.authority(),
-    ))?;
+    let solo_pipeline = site_pipeline(&solo)?;
     let sw = solo_pipeline.worker(a.depth)?;
     let sw1 = solo_pipeline.worker(1)?;
 
@@ -720,6 +712,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(a.dir.join("trash"));
     report(&rounds, &a, threads, cores);
     Ok(())
+}
+
+/// The client library on a local site's volume, as `vhost-target` would run it.
+fn site_pipeline(site: &LocalSite) -> std::io::Result<ReplicationPipeline> {
+    ReplicationPipeline::start(PipelineConfig::new(
+        &site.opts.site,
+        &site.opts.volume,
+        site.authority(),
+    ))
 }
 
 /// Prints the results as Markdown (what docs/replication-performance.md holds).
