@@ -649,9 +649,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
             site.kill9(&secondary)?;
             let sdir = site.server(&secondary)?.data_dir.clone();
-            // Moved aside, deleted after the last round: this machine's ext4 is mounted
-            // with `discard`, and freeing 1 GiB made the following journal commits (every
-            // fdatasync of the next rounds) wait for the discards.
+            // Moved aside, deleted after the last round: on a file system mounted with
+            // `discard` (this machine's ext4) freeing 1 GiB issues discards at the next
+            // journal commits, which the next rounds' fdatasyncs would wait for.
             let trash = a.dir.join("trash");
             std::fs::create_dir_all(&trash)?;
             std::fs::rename(&sdir, trash.join(format!("{secondary}-round{r}")))?;
