@@ -389,12 +389,13 @@ impl VolumeRuntime {
             Role::Secondary { .. } => {
                 let (g, e) = self.fence();
                 if (info.generation, info.epoch) > (g, e) {
-                    if let Err(err) = blocking(|| {
-                        self.replica.update_meta(|m| {
-                            m.generation = info.generation;
-                            m.epoch = info.epoch;
-                        })
-                    }) {
+                    let (ng, ne) = (info.generation, info.epoch);
+                    if let Err(err) = meta_update(&self.replica, move |m| {
+                        m.generation = ng;
+                        m.epoch = ne;
+                    })
+                    .await
+                    {
                         tracing::warn!(volume = %self.name, error = %err, "persisting epoch");
                     }
                 }
@@ -431,14 +432,15 @@ impl VolumeRuntime {
         let until = sent + lease_usable(grant.lease_ms, cfg.drift_margin_ms);
         let epoch = grant.epoch;
         // The seq of a restarted primary continues above anything it may have used.
-        let meta = match blocking(|| {
-            self.replica.update_meta(|m| {
-                m.generation = grant.generation;
-                m.epoch = epoch;
-                m.followed_epoch = epoch;
-                m.seq_reserved += SEQ_CHUNK;
-            })
-        }) {
+        let generation = grant.generation;
+        let meta = match meta_update(&self.replica, move |m| {
+            m.generation = generation;
+            m.epoch = epoch;
+            m.followed_epoch = epoch;
+            m.seq_reserved += SEQ_CHUNK;
+        })
+        .await
+        {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(volume = %self.name, error = %e, "cannot persist epoch; not taking the lease");
@@ -730,7 +732,8 @@ impl VolumeRuntime {
     async fn next_seq(&self, sq: &mut Sequencer) -> Result<u64, Fail> {
         if sq.next > sq.reserved {
             let upto = sq.next + SEQ_CHUNK;
-            let m = blocking(|| self.replica.update_meta(|m| m.seq_reserved = upto))
+            let m = meta_update(&self.replica, move |m| m.seq_reserved = upto)
+                .await
                 .map_err(store_fail)?;
             sq.reserved = m.seq_reserved;
         }
@@ -1654,8 +1657,6 @@ pub fn fence_step(
     }
 }
 
-/// Runs a short blocking store call (an fsync of `meta.json`) from async code without
-/// stalling the runtime's other tasks on this thread.
 /// Runs one data-file operation. A positioned read or write that lands in the page cache
 /// takes microseconds, less than handing it to tokio's blocking pool and back (two thread
 /// wake-ups per request: the largest cost in the server's profile, see
@@ -1676,6 +1677,24 @@ async fn store_op<T: Send + 'static>(
         .expect("store task")
 }
 
+/// Persists a change to the replica's metadata (write, fsync, rename) on the blocking pool.
+/// The server's runtime is single-threaded by default: an fsync inline would stall every
+/// connection and the lease renewals with it, and on ext4 under write-back one can take
+/// seconds, longer than the lease's margin.
+async fn meta_update(
+    rep: &Arc<VolumeReplica>,
+    f: impl FnOnce(&mut crate::store::VolumeMeta) + Send + 'static,
+) -> Result<crate::store::VolumeMeta, StoreError> {
+    let rep = rep.clone();
+    tokio::task::spawn_blocking(move || rep.update_meta(f))
+        .await
+        .expect("metadata task")
+}
+
+/// Runs a short blocking store call from synchronous code on a runtime thread: in place on a
+/// multi-threaded runtime (other tasks move to another thread), inline on a single-threaded
+/// one. Only for rare calls where the caller cannot wait (a secondary following a new epoch
+/// while it admits a frame, in arrival order).
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
