@@ -548,12 +548,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // server, no secondary. What replication costs is the difference to this.
     let solo = LocalSite::start(&a.dir.join("solo"), solo_opts)?;
     let primary = site.primary().context("no primary")?;
-    let secondary = site
-        .servers()
-        .iter()
-        .map(|s| s.id.clone())
-        .find(|s| *s != primary)
-        .context("no secondary")?;
+    let secondary = site.secondary().context("no secondary")?;
     let pipeline = site_pipeline(&site)?;
     let w = pipeline.worker(a.depth)?;
     let w1 = pipeline.worker(1)?;

@@ -194,31 +194,17 @@ impl SiteServer {
             .spawn()
             .map_err(io(format!("spawn {}", cmd.program.display())))?;
         let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining, so the child never blocks on a full pipe.
-            let mut sink = [0u8; 4096];
-            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
-        });
-        let fail = |child: &mut Child, reason: String| {
-            let _ = child.kill();
-            let _ = child.wait();
-            LocalSiteError::ServerStart {
-                id: self.id.clone(),
-                reason,
-                log: self.log.clone(),
+        let (d, a) = match await_listening(stdout, timeout) {
+            Ok(addrs) => addrs,
+            Err(reason) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LocalSiteError::ServerStart {
+                    id: self.id.clone(),
+                    reason,
+                    log: self.log.clone(),
+                });
             }
-        };
-        let line = match rx.recv_timeout(timeout) {
-            Ok(l) => l,
-            Err(_) => return Err(fail(&mut child, "no \"listening\" line".into())),
-        };
-        let Some((d, a)) = listening_addrs(&line) else {
-            return Err(fail(&mut child, format!("unexpected first line {line:?}")));
         };
         self.data_addr = d;
         self.admin_addr = a;
@@ -467,6 +453,15 @@ impl LocalSite {
         self.info().ok().and_then(|i| i.primary)
     }
 
+    /// The first of the site's servers that is not the designated primary.
+    pub fn secondary(&self) -> Option<String> {
+        let primary = self.primary()?;
+        self.servers
+            .iter()
+            .map(|s| s.id.clone())
+            .find(|s| *s != primary)
+    }
+
     /// True when `primary` serves the volume as a leased primary, every other *running*
     /// server of the site is in sync there and at the authority.
     fn in_sync(&self, info: &VolumeInfo) -> bool {
@@ -626,6 +621,28 @@ impl From<AuthorityError> for LocalSiteError {
     fn from(e: AuthorityError) -> Self {
         LocalSiteError::Authority(e.to_string())
     }
+}
+
+/// Waits up to `timeout` for a `replicator serve` child's first stdout line and parses its
+/// addresses (see [`listening_addrs`]); keeps draining the pipe afterwards, so the child
+/// never blocks on a full pipe. The error says what came instead.
+pub fn await_listening(
+    stdout: std::process::ChildStdout,
+    timeout: Duration,
+) -> Result<(String, String), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = [0u8; 4096];
+        while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let line = rx
+        .recv_timeout(timeout)
+        .map_err(|_| "no \"listening\" line".to_string())?;
+    listening_addrs(&line).ok_or_else(|| format!("unexpected first line {line:?}"))
 }
 
 /// The data and admin addresses of a server's first stdout line,

@@ -52,12 +52,7 @@ fn local_site_survives_kill9_of_the_primary_through_its_monitor() -> Result<()> 
     let mut site = LocalSite::start(root.path(), options())?;
     assert_eq!(site.servers().len(), 2);
     let first = site.primary().context("a primary")?;
-    let other = site
-        .servers()
-        .iter()
-        .map(|s| s.id.clone())
-        .find(|s| *s != first)
-        .context("a secondary")?;
+    let other = site.secondary().context("a secondary")?;
 
     let mut cfg = PipelineConfig::new(&site.opts.site, VOL, site.authority());
     cfg.request_timeout = Duration::from_secs(30);

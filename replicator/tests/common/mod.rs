@@ -22,7 +22,7 @@ use replicator::pipeline::{
 use replicator::stamp::{parse_stamp, stamp_block, Stamp};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -407,22 +407,10 @@ impl ServerProc {
             .spawn()
             .context("spawn replicator")?;
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining so the child never blocks on a full pipe.
-            let mut sink = Vec::new();
-            let _ = r.read_to_end(&mut sink);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .context("server did not start")?;
-        let Some((d, a)) = replicator::local_site::listening_addrs(&line) else {
-            bail!("unexpected first line {line:?}; log: {}", self.log_text());
-        };
+        let (d, a) = replicator::local_site::await_listening(stdout, Duration::from_secs(20))
+            .map_err(|why| {
+                anyhow::anyhow!("server did not start: {why}; log: {}", self.log_text())
+            })?;
         self.data_addr = d;
         self.admin_addr = a;
         self.child = Some(child);
