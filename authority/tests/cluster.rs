@@ -2,13 +2,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use authority::error::AuthError;
 use authority::history::check;
-use common::{lease_loop, renewals_resume, setup_volume, Cluster, Ops, DRIFT_MS, LEASE_MS};
+use common::{
+    durable_epochs, holders, lease_loop, renewals_resume, setup_volume, Cluster, Ops, DRIFT_MS,
+    LEASE_MS,
+};
 use serde_json::json;
 
 const SITE: &str = "site-a";
@@ -98,18 +100,9 @@ async fn leader_kill_during_renewals_keeps_leases_safe_and_a_restarted_member_ca
     }
 
     // Safety over the recorded history, against what the group kept.
-    let mut durable = BTreeMap::new();
-    for v in volumes {
-        durable.insert(
-            v.to_string(),
-            client.volume_get(SITE, v).await.unwrap().epoch,
-        );
-    }
+    let durable = durable_epochs(&client, SITE, &volumes).await;
     let history = history.lock().unwrap().clone();
-    let holders: std::collections::BTreeSet<_> = history
-        .iter()
-        .map(|e| (&e.volume, &e.server_id, e.epoch))
-        .collect();
+    let holders = holders(&history);
     eprintln!("{} grants, holders {:?}", history.len(), holders);
     assert!(
         holders.len() >= 4,

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use authority::history::check;
-use common::{lease_loop, renewals_resume, setup_volume, Cluster, Ops};
+use common::{durable_epochs, holders, lease_loop, renewals_resume, setup_volume, Cluster, Ops};
 
 const SITE: &str = "site-a";
 const VOLUMES: [&str; 3] = ["vol-1", "vol-2", "vol-3"];
@@ -119,18 +118,9 @@ async fn partitioned_then_killed_leaders_keep_leases_safe() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut durable = BTreeMap::new();
-    for v in VOLUMES {
-        durable.insert(
-            v.to_string(),
-            client.volume_get(SITE, v).await.unwrap().epoch,
-        );
-    }
+    let durable = durable_epochs(&client, SITE, &VOLUMES).await;
     let history = history.lock().unwrap().clone();
-    let holders: std::collections::BTreeSet<_> = history
-        .iter()
-        .map(|e| (&e.volume, &e.server_id, e.epoch))
-        .collect();
+    let holders = holders(&history);
     let stats = &cluster.relay.as_ref().unwrap().stats;
     eprintln!(
         "faults: {partitions} partition, {kills} SIGKILL, {failovers} failovers; \

@@ -16,6 +16,7 @@ use authority::client::{AuthorityClient, ClientOptions, LeaseGrant};
 use authority::error::AuthError;
 use authority::history::GrantEvent;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const LEASE_MS: u64 = 1000;
 pub const DRIFT_MS: u64 = 100;
@@ -94,22 +95,7 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let members_arg = members
-            .iter()
-            .take(listed as usize)
-            .map(|m| format!("{}={}={}", m.id, m.raft_addr, m.rpc_addr))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut c = Cluster {
-            tmp,
-            members,
-            members_arg,
-            relay: None,
-        };
-        for i in 0..c.members.len() {
-            c.spawn(i);
-        }
-        c
+        Self::launch(tmp, members, listed as usize, None)
     }
 
     /// Start `n` members whose Raft traffic passes a [`relay::RaftRelay`] (see there).
@@ -131,8 +117,20 @@ impl Cluster {
                 child: None,
             })
             .collect();
+        let listed = members.len();
+        Self::launch(tmp, members, listed, Some(relay))
+    }
+
+    /// Spawns every member; the first `listed` are the groups' initial members.
+    fn launch(
+        tmp: tempfile::TempDir,
+        members: Vec<Member>,
+        listed: usize,
+        relay: Option<relay::RaftRelay>,
+    ) -> Cluster {
         let members_arg = members
             .iter()
+            .take(listed)
             .map(|m| format!("{}={}={}", m.id, m.raft_addr, m.rpc_addr))
             .collect::<Vec<_>>()
             .join(",");
@@ -140,7 +138,7 @@ impl Cluster {
             tmp,
             members,
             members_arg,
-            relay: Some(relay),
+            relay,
         };
         for i in 0..c.members.len() {
             c.spawn(i);
@@ -378,4 +376,27 @@ pub async fn renewals_resume(ops: &Ops, more: u64, timeout: Duration, what: &str
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     t.elapsed()
+}
+
+/// The epoch the site group kept for each of `volumes`: what `history::check` compares the
+/// recorded grants with.
+pub async fn durable_epochs(
+    client: &AuthorityClient,
+    site: &str,
+    volumes: &[&str],
+) -> BTreeMap<String, u64> {
+    let mut durable = BTreeMap::new();
+    for v in volumes {
+        let epoch = client.volume_get(site, v).await.unwrap().epoch;
+        durable.insert(v.to_string(), epoch);
+    }
+    durable
+}
+
+/// The distinct (volume, server, epoch) lease holders in a recorded history.
+pub fn holders(history: &[GrantEvent]) -> BTreeSet<(&str, &str, u64)> {
+    history
+        .iter()
+        .map(|e| (e.volume.as_str(), e.server_id.as_str(), e.epoch))
+        .collect()
 }
