@@ -804,3 +804,42 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
         m(&|r| r.rebuild_mb / r.rebuild_copy_secs),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        BenchArgs::try_parse_from(["bench", "--dir", "/tmp/b"].iter().chain(args))
+    }
+
+    #[test]
+    fn bad_phase_wait_mode_and_solo_without_a_phase_are_refused_by_name() {
+        let e = parse(&["--only", "8k"]).unwrap_err().to_string();
+        assert!(e.contains("8k") && e.contains("qd1-raw"), "{e}");
+        let e = parse(&["--wait", "spin"]).unwrap_err().to_string();
+        assert!(e.contains("spin") && e.contains("interrupt"), "{e}");
+        let e = parse(&["--solo"]).unwrap_err().to_string();
+        assert!(e.contains("--only"), "{e}");
+        let a = parse(&["--only", "qd1", "--solo"]).unwrap();
+        assert_eq!(
+            (a.only.as_deref(), a.solo, a.wait.as_str()),
+            (Some("qd1"), true, "interrupt")
+        );
+    }
+
+    #[test]
+    fn zero_rounds_depth_or_size_and_a_catch_up_larger_than_the_volume_are_refused() {
+        for (args, what) in [
+            (&["--rounds", "0"][..], "--rounds"),
+            (&["--depth", "0"][..], "--depth"),
+            (
+                &["--size-mib", "64", "--catchup-mib", "128"][..],
+                "--catchup-mib",
+            ),
+        ] {
+            let e = run(parse(args).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(what), "{args:?}: {e}");
+        }
+    }
+}
