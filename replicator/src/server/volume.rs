@@ -930,20 +930,28 @@ impl VolumeRuntime {
             let _sq = self.seq.lock().await;
             let recent =
                 std::mem::take(&mut *self.activity_recent.lock().expect("activity recent"));
-            for r in recent {
-                last_written.insert(r, pass);
-            }
             let clear = {
                 let a = self.activity.lock().expect("activity");
                 let busy = self.active_writes.lock().expect("active writes");
                 let marked = a.dirty_list();
-                let mut idle: Vec<(u64, u64)> = Vec::new();
-                for &r in &marked {
-                    let seen = *last_written.entry(r).or_insert(pass);
-                    if !busy.contains_key(&r) {
-                        idle.push((seen, r));
-                    }
-                }
+                // Rebuilt from the marked set each pass, so it holds no region that is no
+                // longer marked.
+                last_written = marked
+                    .iter()
+                    .map(|&r| {
+                        let seen = if recent.contains(&r) {
+                            pass
+                        } else {
+                            last_written.get(&r).copied().unwrap_or(pass)
+                        };
+                        (r, seen)
+                    })
+                    .collect();
+                let mut idle: Vec<(u64, u64)> = last_written
+                    .iter()
+                    .filter(|(r, _)| !busy.contains_key(r))
+                    .map(|(&r, &seen)| (seen, r))
+                    .collect();
                 idle.sort_unstable();
                 let over = marked.len().saturating_sub(ACTIVITY_MAX_REGIONS);
                 idle.iter()
@@ -954,9 +962,6 @@ impl VolumeRuntime {
             };
             if clear.is_empty() {
                 continue;
-            }
-            for r in &clear {
-                last_written.remove(r);
             }
             let a = self.activity.clone();
             let r = tokio::task::spawn_blocking(move || {
