@@ -78,6 +78,9 @@ pub struct BenchArgs {
     /// (measured on 2 vCPUs: one-server 4k QD32 ~75k IOPS interrupt, ~17k adaptive).
     #[arg(long, default_value = "interrupt", value_parser = ["adaptive", "interrupt"])]
     pub wait: String,
+    /// Measure on the fresh sparse volumes instead of writing every block once first.
+    #[arg(long)]
+    pub no_precondition: bool,
 }
 
 /// The adaptive queue worker's polling spell (`vhost-target`'s `ADAPTIVE_IDLE`).
@@ -229,6 +232,56 @@ fn take_completions(w: &PipelineWorker, done: &mut u64) -> anyhow::Result<()> {
         }
         *done += 1;
     }
+    Ok(())
+}
+
+/// Writes every block of each volume once (128k sequential), so that what the phases
+/// measure is overwrites, as on a volume in use, and all three configurations alike: a
+/// first write to a hole of the sparse files costs the file system an allocation (tmpfs: a
+/// page and its accounting; ext4: blocks and an extent update), which made the figure
+/// depend on how much of each volume earlier phases had happened to touch. `--only` fills
+/// just the volume it measures.
+#[allow(clippy::too_many_arguments)]
+fn precondition(
+    local: &Arc<VolumeReplica>,
+    single: &PipelineWorker,
+    replicated: &PipelineWorker,
+    size: u64,
+    depth: usize,
+    adaptive: bool,
+    only: bool,
+    solo: bool,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let fill = |w: &PipelineWorker| {
+        replicated_throughput(
+            w,
+            size,
+            Pattern::Seq128k,
+            depth,
+            3600.0,
+            Some(size),
+            adaptive,
+        )
+    };
+    if !only {
+        let buf = vec![0xA5u8; Pattern::Seq128k.len() as usize];
+        for off in (0..size).step_by(buf.len()) {
+            let n = (size - off).min(buf.len() as u64) as usize;
+            local.write_at(off, &buf[..n])?;
+        }
+        local.sync()?;
+    }
+    if !only || solo {
+        fill(single)?;
+    }
+    if !only || !solo {
+        fill(replicated)?;
+    }
+    eprintln!(
+        "preconditioned: every block written once ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -566,6 +619,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let s = a.seconds;
     let adaptive = a.wait == "adaptive";
+    if !a.no_precondition {
+        precondition(
+            &local,
+            &sw,
+            &w,
+            size,
+            a.depth,
+            adaptive,
+            a.only.is_some(),
+            a.solo,
+        )?;
+    }
     if let Some(only) = a.only.as_deref() {
         eprintln!("profiling phase ready (pid {})", std::process::id());
         let (w, w1, site) = if a.solo {
@@ -599,6 +664,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        remove_volumes(&a.dir);
         return Ok(());
     }
     let mut rounds = Vec::new();
@@ -704,9 +770,24 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     drop((pipeline, solo_pipeline));
     site.stop();
     solo.stop();
-    let _ = std::fs::remove_dir_all(a.dir.join("trash"));
+    remove_volumes(&a.dir);
     report(&rounds, &a, threads, cores);
     Ok(())
+}
+
+/// Deletes the volumes' data the bench wrote (GiBs; on tmpfs, memory) and keeps the logs
+/// and the authority's state under `dir` for a look afterwards.
+fn remove_volumes(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir.join("trash"));
+    let _ = std::fs::remove_dir_all(dir.join("local"));
+    for site in ["site", "solo"] {
+        let Ok(servers) = std::fs::read_dir(dir.join(site)) else {
+            continue;
+        };
+        for s in servers.flatten() {
+            let _ = std::fs::remove_dir_all(s.path().join("volumes"));
+        }
+    }
 }
 
 /// The client library on a local site's volume, as `vhost-target` would run it.
