@@ -280,6 +280,44 @@ impl VolumeReplica {
         }
     }
 
+    /// Waits for a range's write-back (started by [`VolumeReplica::start_writeback`]) and
+    /// drops its now clean pages from the page cache (`posix_fadvise` DONTNEED; dirty pages,
+    /// e.g. from a live write since, are left alone). A bulk copy calls it after each region:
+    /// it writes 1 MiB at a time, and on ext4 with large folios (Linux 6.16+) the page cache
+    /// then holds that range in 1 MiB folios, and every later 4 KiB write into one walks all
+    /// of its 256 buffer heads (`ext4_block_write_begin`). Measured here: random 4 KiB
+    /// overwrites of a file written in 1 MiB writes ran at 22k/s, of one written in 4 KiB
+    /// writes at 184k/s; a rebuilt secondary held replicated 4k writes to about half. Pages
+    /// read or written later come back as small folios. A no-op on tmpfs.
+    pub fn finish_writeback_and_drop(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let fd = self.data.as_raw_fd();
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: both calls only read their integer arguments; the fd is owned by
+        // `self.data` and stays open for the calls.
+        let rc = unsafe {
+            libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, flags)
+        };
+        if rc != 0 {
+            return Err(self.io_err(io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                fd,
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        // posix_fadvise returns the error number instead of setting errno.
+        if rc != 0 {
+            return Err(self.io_err(io::Error::from_raw_os_error(rc)));
+        }
+        Ok(())
+    }
+
     /// fdatasync: every write that returned before this call is durable when it returns.
     pub fn sync(&self) -> Result<(), StoreError> {
         self.faults
@@ -703,6 +741,22 @@ mod tests {
         r.faults.set(FaultOp::Write, 0);
         r.write_at(0, &[2; 512]).unwrap();
         assert_eq!(r.read_at(0, 512).unwrap(), vec![2; 512]);
+    }
+
+    #[test]
+    fn dropping_a_copied_range_from_the_cache_keeps_its_data_and_a_newer_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path()).unwrap();
+        let r = s.open_or_create(&vol("a"), 1 << 21, 4096).unwrap();
+        r.write_at(0, &vec![7; 1 << 20]).unwrap();
+        r.start_writeback(0, 1 << 20).unwrap();
+        // A live write after the copy's write-back started: dirty again, so not dropped.
+        r.write_at(8192, &[8; 4096]).unwrap();
+        r.finish_writeback_and_drop(0, 1 << 20).unwrap();
+        let got = r.read_at(0, 1 << 20).unwrap();
+        assert!(got[..8192].iter().all(|&b| b == 7));
+        assert!(got[8192..12288].iter().all(|&b| b == 8));
+        assert!(got[12288..].iter().all(|&b| b == 7));
     }
 
     #[test]

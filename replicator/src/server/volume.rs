@@ -229,17 +229,10 @@ pub struct VolumeRuntime {
     /// Regions written since the activity cleaner's last pass: a hot region stays marked,
     /// so it does not pay a mark (a disk write and fdatasync) again after every pass.
     activity_recent: Arc<Mutex<std::collections::HashSet<u64>>>,
-    /// Catch-up copies applied at once on this replica (see `secondary_apply`).
-    copy_gate: tokio::sync::Semaphore,
+    /// Held by a catch-up copy while it writes (see `secondary_apply`).
+    copy_write: Arc<Mutex<()>>,
     pub stats: VolumeStats,
 }
-
-/// Catch-up copies a secondary writes at once. The primary keeps `CATCH_UP_WINDOW` in flight
-/// to cover the round trips, but the writes to one file take its inode lock in turn: with all
-/// 16 on the blocking pool at once, a rebuild on tmpfs spent ~20% of the machine spinning on
-/// that lock (`rwsem_spin_on_owner`, perf) instead of copying. Two let the write-back start of
-/// one overlap the write of the next.
-const COPY_APPLY_CONCURRENCY: usize = 2;
 
 /// The operation of a client write or a replicated one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,7 +292,7 @@ impl VolumeRuntime {
             activity,
             active_writes: Arc::default(),
             activity_recent: Arc::default(),
-            copy_gate: tokio::sync::Semaphore::new(COPY_APPLY_CONCURRENCY),
+            copy_write: Arc::default(),
             stats: VolumeStats::default(),
         }))
     }
@@ -1215,35 +1208,49 @@ impl VolumeRuntime {
         ticket.ready().await;
         let (off, len, fua) = (h.offset, h.length as u64, h.flags & FLAG_FUA != 0);
         let copy = h.flags & FLAG_CATCH_UP != 0;
-        let may_block = fua || copy || op != ReplicaOp::Write;
-        let _gate = match copy {
-            true => Some(
-                self.copy_gate
-                    .acquire()
-                    .await
-                    .expect("copy gate is never closed"),
-            ),
-            false => None,
-        };
-        let r = store_op(&self.replica, may_block, move |rep| {
-            match op {
-                ReplicaOp::Write if copy => {
+        let r = if copy && op == ReplicaOp::Write {
+            // A copy runs on the blocking pool: its write, the start of its write-back, then
+            // (with the ticket released: later overlapping writes need not wait for the disk)
+            // the wait for that write-back and the drop of its pages. The primary keeps
+            // `CATCH_UP_WINDOW` copies in flight, but writes to one file take its inode lock
+            // in turn: with all 16 writing at once a tmpfs rebuild spent ~20% of the machine
+            // spinning on it (`rwsem_spin_on_owner`), so they take `copy_write` instead and
+            // only their waits for the disk overlap.
+            let (rep, lock) = (self.replica.clone(), self.copy_write.clone());
+            tokio::task::spawn_blocking(move || {
+                {
+                    let _w = lock.lock().expect("copy write lock");
                     rep.write_at(off, &payload)?;
                     // Measured on ext4: without this a 1 GiB rebuild wrote it all into the
                     // page cache first and then waited for the disk in the closing flush.
-                    rep.start_writeback(off, len)?
+                    rep.start_writeback(off, len)?;
                 }
-                ReplicaOp::Write => rep.write_at(off, &payload)?,
-                ReplicaOp::WriteZeroes | ReplicaOp::Discard => rep.punch_zeroes(off, len)?,
-                ReplicaOp::Flush => rep.sync()?,
-            }
-            if fua {
-                rep.sync()?;
-            }
-            Ok::<_, StoreError>(())
-        })
-        .await;
-        drop(ticket);
+                drop(ticket);
+                rep.finish_writeback_and_drop(off, len)?;
+                if fua {
+                    rep.sync()?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .expect("store task")
+        } else {
+            let may_block = fua || copy || op != ReplicaOp::Write;
+            let r = store_op(&self.replica, may_block, move |rep| {
+                match op {
+                    ReplicaOp::Write => rep.write_at(off, &payload)?,
+                    ReplicaOp::WriteZeroes | ReplicaOp::Discard => rep.punch_zeroes(off, len)?,
+                    ReplicaOp::Flush => rep.sync()?,
+                }
+                if fua {
+                    rep.sync()?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await;
+            drop(ticket);
+            r
+        };
         match &r {
             Ok(()) => {
                 self.stats
