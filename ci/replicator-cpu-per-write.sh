@@ -12,6 +12,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 phase=${1:?usage: $0 PHASE [bench flags]}; shift
+if [[ $phase != 4k ]]; then
+  echo "$0: phase '$phase' is not supported: only 4k reports IOPS to divide by" >&2
+  exit 2
+fi
+[[ -x target/release/replicator ]] || {
+  echo "$0: target/release/replicator is missing: cargo build --release -p replicator" >&2
+  exit 2
+}
 dir=${BENCH_DIR:-/dev/shm/replicator-cpu}
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
@@ -35,8 +43,8 @@ for p in $bench $servers; do used[$p]=$(( $(cpu "$p") - ${before[$p]} )); done
 i1=$(idle)
 names=()
 for p in $servers; do names+=("$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oE -- '--id [^ ]+' | cut -d' ' -f2)"); done
-wait "$bench"
-result=$(grep -E "IOPS" "$out" | tail -1)
+wait "$bench" || { echo "$0: the bench failed:" >&2; cat "$out" >&2; exit 1; }
+result=$(grep -E "IOPS" "$out" | tail -1) || { echo "$0: the bench printed no IOPS:" >&2; cat "$out" >&2; exit 1; }
 echo "$result"
 iops=$(grep -oE '[0-9]+ IOPS' <<<"$result" | cut -d' ' -f1)
 hz=$(getconf CLK_TCK)

@@ -246,36 +246,27 @@ fn settle() {
     unsafe { libc::sync() };
 }
 
+/// Runs one phase after [`settle`].
+fn settled<T>(phase: impl FnOnce() -> T) -> T {
+    settle();
+    phase()
+}
+
 /// Writes every block of each volume once (128k sequential), so that what the phases
 /// measure is overwrites, as on a volume in use, and all three configurations alike: a
 /// first write to a hole of the sparse files costs the file system an allocation (tmpfs: a
 /// page and its accounting; ext4: blocks and an extent update), which made the figure
 /// depend on how much of each volume earlier phases had happened to touch. `--only` fills
 /// just the volume it measures.
-#[allow(clippy::too_many_arguments)]
 fn precondition(
-    local: &Arc<VolumeReplica>,
-    single: &PipelineWorker,
-    replicated: &PipelineWorker,
+    local: Option<&VolumeReplica>,
+    sites: &[&PipelineWorker],
     size: u64,
     depth: usize,
     adaptive: bool,
-    only: bool,
-    solo: bool,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
-    let fill = |w: &PipelineWorker| {
-        replicated_throughput(
-            w,
-            size,
-            Pattern::Seq128k,
-            depth,
-            3600.0,
-            Some(size),
-            adaptive,
-        )
-    };
-    if !only {
+    if let Some(local) = local {
         let buf = vec![0xA5u8; Pattern::Seq128k.len() as usize];
         for off in (0..size).step_by(buf.len()) {
             let n = (size - off).min(buf.len() as u64) as usize;
@@ -283,11 +274,9 @@ fn precondition(
         }
         local.sync()?;
     }
-    if !only || solo {
-        fill(single)?;
-    }
-    if !only || !solo {
-        fill(replicated)?;
+    for w in sites {
+        let total = Some(size);
+        replicated_throughput(w, size, Pattern::Seq128k, depth, 3600.0, total, adaptive)?;
     }
     eprintln!(
         "preconditioned: every block written once ({:.1} s)",
@@ -635,16 +624,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let s = a.seconds;
     let adaptive = a.wait == "adaptive";
     if !a.no_precondition {
-        precondition(
-            &local,
-            &sw,
-            &w,
-            size,
-            a.depth,
-            adaptive,
-            a.only.is_some(),
-            a.solo,
-        )?;
+        let (local, sites): (_, Vec<&PipelineWorker>) = match (a.only.is_some(), a.solo) {
+            (false, _) => (Some(&*local), vec![&sw, &w]),
+            (true, true) => (None, vec![&sw]),
+            (true, false) => (None, vec![&w]),
+        };
+        precondition(local, &sites, size, a.depth, adaptive)?;
     }
     settle();
     if let Some(only) = a.only.as_deref() {
@@ -688,25 +673,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let through = |w: &PipelineWorker, p: Pattern| {
             replicated_throughput(w, size, p, a.depth, s, None, adaptive)
         };
-        settle();
-        let local_4k = local_throughput(&local, Pattern::Random4k, threads, s)?;
-        settle();
-        let single_4k = through(&sw, Pattern::Random4k)?;
-        settle();
-        let repl_4k = through(&w, Pattern::Random4k)?;
-        settle();
-        let local_128k = local_throughput(&local, Pattern::Seq128k, threads, s)?;
-        settle();
-        let single_128k = through(&sw, Pattern::Seq128k)?;
-        settle();
-        let repl_128k = through(&w, Pattern::Seq128k)?;
-        settle();
-        let local_qd1 = local_latency(&local, s)?;
-        settle();
-        let single_qd1 = replicated_latency(&sw1, size, s, adaptive)?;
-        settle();
-        let repl_qd1 = replicated_latency(&w1, size, s, adaptive)?;
+        let local_4k = settled(|| local_throughput(&local, Pattern::Random4k, threads, s))?;
+        let single_4k = settled(|| through(&sw, Pattern::Random4k))?;
+        let repl_4k = settled(|| through(&w, Pattern::Random4k))?;
+        let local_128k = settled(|| local_throughput(&local, Pattern::Seq128k, threads, s))?;
+        let single_128k = settled(|| through(&sw, Pattern::Seq128k))?;
+        let repl_128k = settled(|| through(&w, Pattern::Seq128k))?;
+        let local_qd1 = settled(|| local_latency(&local, s))?;
+        let single_qd1 = settled(|| replicated_latency(&sw1, size, s, adaptive))?;
+        let repl_qd1 = settled(|| replicated_latency(&w1, size, s, adaptive))?;
         let rtt = loopback_rtt(s.min(1.0))?;
+        // The copies below are timed too: none starts under the phases' write-back.
         settle();
 
         let (mut catchup_mb, mut catchup_secs, mut catchup_copy_secs) =
@@ -736,12 +713,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             // Rebuild: a brand-new replica (its data directory removed) gets a full copy.
             site.kill9(&secondary)?;
             let sdir = site.server(&secondary)?.data_dir.clone();
-            // Moved aside, deleted after the last round: on a file system mounted with
-            // `discard` (this machine's ext4) freeing 1 GiB issues discards at the next
-            // journal commits, which the next rounds' fdatasyncs would wait for.
-            let trash = a.dir.join("trash");
-            std::fs::create_dir_all(&trash)?;
-            std::fs::rename(&sdir, trash.join(format!("{secondary}-round{r}")))?;
+            to_trash(&a.dir, &sdir, &format!("{secondary}-round{r}"))?;
             std::fs::create_dir_all(&sdir)?;
             let t0 = Instant::now();
             site.restart(&secondary)?;
@@ -754,7 +726,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let disk_mbps = if a.skip_copy {
             f64::NAN
         } else {
-            disk_write_mbps(&a.dir, size)?
+            disk_write_mbps(&a.dir, size, r)?
         };
         let rd = Round {
             disk_mbps,
@@ -810,8 +782,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
 /// What the disk under `dir` takes on its own, the ceiling of a durable copy: a new file of
 /// `size` bytes written sequentially in 1 MiB `pwrite`s and fdatasync'ed (what a rebuild
-/// does to the new replica's file), timed to the end of the sync, then deleted.
-fn disk_write_mbps(dir: &std::path::Path, size: u64) -> anyhow::Result<f64> {
+/// does to the new replica's file), timed to the end of the sync, then moved to the trash.
+fn disk_write_mbps(dir: &std::path::Path, size: u64, round: usize) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
     let path = dir.join("disk-alone");
     let f = std::fs::File::create(&path)?;
@@ -824,12 +796,18 @@ fn disk_write_mbps(dir: &std::path::Path, size: u64) -> anyhow::Result<f64> {
     f.sync_data()?;
     let mbps = size as f64 / t.elapsed().as_secs_f64() / 1e6;
     drop(f);
-    // Moved with the replaced replicas: deleted at the end, not during the next rounds.
+    to_trash(dir, &path, &format!("disk-alone-round{round}"))?;
+    Ok(mbps)
+}
+
+/// Moves a file or directory the bench is done with into `DIR/trash`, which
+/// [`remove_volumes`] deletes after the last round: on a file system mounted with `discard`
+/// (this machine's ext4) freeing 1 GiB issues discards at the next journal commits, which
+/// the next rounds' fdatasyncs would wait for.
+fn to_trash(dir: &std::path::Path, path: &std::path::Path, name: &str) -> std::io::Result<()> {
     let trash = dir.join("trash");
     std::fs::create_dir_all(&trash)?;
-    let n = std::fs::read_dir(&trash)?.count();
-    std::fs::rename(&path, trash.join(format!("disk-alone-{n}")))?;
-    Ok(mbps)
+    std::fs::rename(path, trash.join(name))
 }
 
 /// Deletes the volumes' data the bench wrote (GiBs; on tmpfs, memory) and keeps the logs

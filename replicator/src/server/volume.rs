@@ -1235,7 +1235,7 @@ impl VolumeRuntime {
             .await
             .expect("store task")
         } else {
-            let may_block = fua || copy || op != ReplicaOp::Write;
+            let may_block = fua || op != ReplicaOp::Write;
             let r = store_op(&self.replica, may_block, move |rep| {
                 match op {
                     ReplicaOp::Write => rep.write_at(off, &payload)?,
