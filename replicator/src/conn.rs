@@ -6,14 +6,14 @@
 use crate::frame::{self, Frame, FrameError, Header, HEADER_LEN};
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 #[derive(Debug, Error)]
 pub enum ReadError {
@@ -61,45 +61,158 @@ pub fn frame_reader(r: OwnedReadHalf) -> BufReader<OwnedReadHalf> {
     BufReader::with_capacity(64 << 10, r)
 }
 
-/// Spawns the task that owns the write half: it writes every encoded frame sent to the
-/// returned channel, flushing when the channel is momentarily empty (so a burst of answers
-/// goes out in few syscalls).
-pub fn spawn_writer(w: OwnedWriteHalf) -> mpsc::UnboundedSender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+/// The sending side of a connection: frames are encoded straight into the buffer that the
+/// connection's writer task (see [`spawn_writer`]) hands to the socket next, in call order.
+/// Cheap to clone; the writer shuts the socket down once every clone is dropped and what was
+/// queued is written.
+///
+/// One buffer instead of a channel of encoded frames: each frame used to be encoded into a
+/// `Vec` of its own, sent, copied into a `BufWriter` and freed (an allocation, a free and a
+/// copy of its payload per frame, on every hop).
+#[derive(Debug)]
+pub struct FrameSink {
+    shared: Arc<SinkShared>,
+}
+
+#[derive(Debug)]
+struct SinkShared {
+    state: Mutex<SinkState>,
+    wake: Notify,
+    senders: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct SinkState {
+    buf: Vec<u8>,
+    frames: usize,
+    /// The writer failed (no more frames can leave), or every sender is gone.
+    closed: bool,
+}
+
+/// The connection's writer is gone (its socket failed or was shut down).
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+#[error("connection writer closed")]
+pub struct SinkClosed;
+
+/// A writer keeps at most this much buffer between bursts; a larger one (a burst of big
+/// frames) is freed.
+const SINK_KEEP: usize = 1 << 20;
+
+impl FrameSink {
+    /// Queues one frame.
+    pub fn send(&self, header: &Header, payload: &[u8]) -> Result<(), SinkClosed> {
+        self.send_with_payload_crc(header, payload, crc32c::crc32c(payload))
+    }
+
+    /// Queues one frame whose payload's CRC32C is known (see
+    /// [`frame::encode_with_payload_crc`]).
+    pub fn send_with_payload_crc(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<(), SinkClosed> {
+        self.push(|buf| frame::encode_with_payload_crc(header, payload, payload_crc, buf))
+    }
+
+    /// Queues bytes that already hold whole encoded frames (tests, scripted peers).
+    pub fn send_encoded(&self, bytes: &[u8]) -> Result<(), SinkClosed> {
+        self.push(|buf| buf.extend_from_slice(bytes))
+    }
+
+    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), SinkClosed> {
+        let first = {
+            let mut st = self.shared.state.lock().expect("sink lock");
+            if st.closed {
+                return Err(SinkClosed);
+            }
+            encode(&mut st.buf);
+            st.frames += 1;
+            st.frames == 1
+        };
+        // The writer sleeps only when it saw no frame queued, so only the first one since it
+        // last took the buffer needs to wake it (a `Notify` keeps the permit if it is busy).
+        if first {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.lock().expect("sink lock").closed
+    }
+}
+
+impl Clone for FrameSink {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for FrameSink {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.state.lock().expect("sink lock").closed = true;
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Spawns the task that owns the write half and returns the [`FrameSink`] that feeds it. The
+/// task writes what is queued in one `write`, so a burst of answers goes out in few
+/// syscalls.
+pub fn spawn_writer(w: OwnedWriteHalf) -> FrameSink {
+    let shared = Arc::new(SinkShared {
+        state: Mutex::new(SinkState::default()),
+        wake: Notify::new(),
+        senders: AtomicUsize::new(1),
+    });
+    let s = shared.clone();
     tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(256 << 10, w);
-        while let Some(buf) = rx.recv().await {
-            if w.write_all(&buf).await.is_err() {
+        let mut w = w;
+        let mut out = Vec::new();
+        loop {
+            let (frames, closed) = {
+                let st = s.state.lock().expect("sink lock");
+                (st.frames, st.closed)
+            };
+            match frames {
+                0 if closed => break,
+                0 => {
+                    s.wake.notified().await;
+                    continue;
+                }
+                // A burst (more than one frame queued by the time this task ran): let the
+                // tasks that are ready now (the other requests read in the same `recv`)
+                // queue their frames too, so they leave in one `sendto`. Without this, on a
+                // multi-threaded runtime a burst of 32 answers cost ~30 sendto calls
+                // (strace), each a wake-up of the peer. A lone frame (QD1) is written at
+                // once: the yield would cost an extra `epoll_wait` on its path.
+                1 => {}
+                _ => tokio::task::yield_now().await,
+            }
+            {
+                let mut st = s.state.lock().expect("sink lock");
+                std::mem::swap(&mut st.buf, &mut out);
+                st.frames = 0;
+            }
+            if w.write_all(&out).await.is_err() {
+                let mut st = s.state.lock().expect("sink lock");
+                st.closed = true;
+                st.buf = Vec::new();
                 return;
             }
-            // A burst (more than one frame queued by the time this task ran): before the
-            // flush, let the tasks that are ready now (the other requests read in the same
-            // `recv`) queue their frames too, so they leave in one `sendto`. Without this, on
-            // a multi-threaded runtime a burst of 32 answers cost ~30 sendto calls (strace),
-            // each a wake-up of the peer. A lone frame (QD1) is flushed at once: the yield
-            // would cost an extra `epoll_wait` on its path.
-            let mut burst = false;
-            while let Ok(more) = rx.try_recv() {
-                burst = true;
-                if w.write_all(&more).await.is_err() {
-                    return;
-                }
-            }
-            if burst {
-                tokio::task::yield_now().await;
-                while let Ok(more) = rx.try_recv() {
-                    if w.write_all(&more).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            if w.flush().await.is_err() {
-                return;
+            out.clear();
+            if out.capacity() > SINK_KEEP {
+                out = Vec::new();
             }
         }
         let _ = w.shutdown().await;
     });
-    tx
+    FrameSink { shared }
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -133,7 +246,7 @@ static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
 pub struct PeerLink {
     id: u64,
     addr: String,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: FrameSink,
     pending: Arc<Mutex<Pending>>,
     next_request: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
@@ -244,7 +357,13 @@ impl PeerLink {
         self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn enqueue(&self, header: &Header, payload: &[u8], w: Waiter) -> Result<(), LinkError> {
+    fn enqueue(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        payload_crc: u32,
+        w: Waiter,
+    ) -> Result<(), LinkError> {
         {
             let mut g = self.pending.lock().expect("pending lock");
             if g.closed {
@@ -254,7 +373,7 @@ impl PeerLink {
         }
         // Frames leave in the order of these calls: callers rely on that for seq order.
         self.tx
-            .send(frame::encode(header, payload))
+            .send_with_payload_crc(header, payload, payload_crc)
             .map_err(|_| LinkError::Closed(self.addr.clone()))
     }
 
@@ -265,14 +384,25 @@ impl PeerLink {
         header: &Header,
         payload: &[u8],
     ) -> Result<oneshot::Receiver<Result<Frame, LinkError>>, LinkError> {
+        self.send_with_payload_crc(header, payload, crc32c::crc32c(payload))
+    }
+
+    /// [`PeerLink::send`] of a payload whose CRC32C is known (forwarding a verified frame's
+    /// payload: see [`frame::encode_with_payload_crc`]).
+    pub fn send_with_payload_crc(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<oneshot::Receiver<Result<Frame, LinkError>>, LinkError> {
         let (s, r) = oneshot::channel();
-        self.enqueue(header, payload, Waiter::Once(s))?;
+        self.enqueue(header, payload, payload_crc, Waiter::Once(s))?;
         Ok(r)
     }
 
     /// Queues a request whose answer goes to the link's event channel.
     pub fn send_evented(&self, header: &Header, payload: &[u8]) -> Result<(), LinkError> {
-        self.enqueue(header, payload, Waiter::Events)
+        self.enqueue(header, payload, crc32c::crc32c(payload), Waiter::Events)
     }
 
     /// Sends and waits for the answer, at most `timeout`.
@@ -309,5 +439,68 @@ impl PeerLink {
 impl Drop for PeerLink {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{MsgKind, VolumeName};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sink_writes_frames_in_call_order_and_shuts_down_after_the_last_sender() {
+        let (a, b) = pair().await;
+        let (_r, w) = a.into_split();
+        let sink = spawn_writer(w);
+        let other = sink.clone();
+        let vol = VolumeName::new("v").unwrap();
+        for i in 0..100u64 {
+            let s = if i % 2 == 0 { &sink } else { &other };
+            let payload = vec![i as u8; (i as usize * 37) % 5000];
+            s.send(&Header::new(MsgKind::Write, i, vol.clone()), &payload)
+                .unwrap();
+        }
+        drop(sink);
+        drop(other);
+        let (r, _w) = b.into_split();
+        let mut r = frame_reader(r);
+        for i in 0..100u64 {
+            let f = read_frame(&mut r).await.unwrap().expect("a frame");
+            assert_eq!(f.header.request_id, i);
+            assert_eq!(f.payload, vec![i as u8; (i as usize * 37) % 5000]);
+        }
+        // Every sender gone and everything written: the writer closed its half.
+        assert!(read_frame(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sink_whose_socket_failed_refuses_frames() {
+        let (a, b) = pair().await;
+        let (_r, w) = a.into_split();
+        let sink = spawn_writer(w);
+        drop(b);
+        let h = Header::new(MsgKind::Write, 1, VolumeName::new("v").unwrap());
+        // The peer's close surfaces on a later write (EPIPE/ECONNRESET), then the sink closes.
+        let mut refused = false;
+        for _ in 0..200 {
+            if sink.send(&h, &[0u8; 4096]).is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            refused,
+            "frames to a closed peer were still accepted after 1 s"
+        );
+        assert!(sink.is_closed());
     }
 }

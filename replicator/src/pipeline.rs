@@ -777,15 +777,16 @@ mod tests {
             seen.lock().unwrap().push((h.request_id, h.offset, h.epoch));
             n += 1;
             if n <= ok {
-                tx.send(answer(&h, None)).unwrap();
+                tx.send_encoded(&answer(&h, None)).unwrap();
                 if n == 1 {
-                    tx.send(answer(&h, None)).unwrap();
+                    tx.send_encoded(&answer(&h, None)).unwrap();
                 }
             } else {
                 if n == ok + 1 {
                     fake.do_failover("s", "v", true).unwrap();
                 }
-                tx.send(answer(&h, Some(ErrorCode::StaleEpoch))).unwrap();
+                tx.send_encoded(&answer(&h, Some(ErrorCode::StaleEpoch)))
+                    .unwrap();
             }
         }
     }
@@ -798,7 +799,7 @@ mod tests {
             seen.lock()
                 .unwrap()
                 .push((f.header.request_id, f.header.offset, f.header.epoch));
-            tx.send(answer(&f.header, None)).unwrap();
+            tx.send_encoded(&answer(&f.header, None)).unwrap();
         }
     }
 

@@ -5,7 +5,7 @@ pub mod overlap;
 pub mod volume;
 
 use crate::authority::Authority;
-use crate::conn::{frame_reader, read_frame, spawn_writer};
+use crate::conn::{frame_reader, read_frame, spawn_writer, FrameSink};
 use crate::frame::{self, ErrorBody, ErrorCode, Frame, Header, MsgKind, VolumeName};
 use crate::store::ReplicaStore;
 use std::collections::HashMap;
@@ -252,24 +252,24 @@ async fn volume_loop(ctx: Arc<ServerCtx>, name: String) {
     }
 }
 
-fn answer_ok(h: &Header, payload: &[u8]) -> Vec<u8> {
-    frame::encode(&h.answer(MsgKind::Ok), payload)
-}
-
-fn answer_err(h: &Header, f: &Fail) -> Vec<u8> {
-    let mut a = h.answer(MsgKind::Error);
-    if let Some((g, e)) = f.fence {
-        a.generation = g;
-        a.epoch = e;
-    }
-    frame::encode(
-        &a,
-        &ErrorBody {
-            code: f.code,
-            message: f.message.clone(),
+/// Answers `h`. A connection whose writer is gone has no one to answer: the error is
+/// dropped, the reader ends on the same broken socket.
+fn answer(tx: &FrameSink, h: &Header, r: Result<&[u8], &Fail>) {
+    let _ = match r {
+        Ok(payload) => tx.send(&h.answer(MsgKind::Ok), payload),
+        Err(f) => {
+            let mut a = h.answer(MsgKind::Error);
+            if let Some((g, e)) = f.fence {
+                a.generation = g;
+                a.epoch = e;
+            }
+            let body = ErrorBody {
+                code: f.code,
+                message: f.message.clone(),
+            };
+            tx.send(&a, &body.encode())
         }
-        .encode(),
-    )
+    };
 }
 
 async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
@@ -298,7 +298,7 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
         };
         if f.header.kind == MsgKind::Health {
             let body = serde_json::to_vec(&crate::health::health_json(&ctx)).expect("json");
-            let _ = tx.send(answer_ok(&f.header, &body));
+            answer(&tx, &f.header, Ok(&body));
             continue;
         }
         let Some(vol) = ctx.volume(&f.header.volume) else {
@@ -316,7 +316,7 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
                     format!("no volume {:?} on this server", f.header.volume.as_str()),
                 )
             };
-            let _ = tx.send(answer_err(&f.header, &fail));
+            answer(&tx, &f.header, Err(&fail));
             continue;
         };
         if f.header.kind == MsgKind::Replicate {
@@ -326,34 +326,39 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
                 Ok(ticket) => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        let Frame { header, payload } = f;
-                        let out = match vol.secondary_apply(&header, payload, ticket).await {
-                            Ok(()) => answer_ok(&header, &[]),
-                            Err(fail) => answer_err(&header, &fail),
-                        };
-                        let _ = tx.send(out);
+                        let Frame {
+                            header, payload, ..
+                        } = f;
+                        let r = vol.secondary_apply(&header, payload, ticket).await;
+                        answer(&tx, &header, r.as_ref().map(|()| &[][..]));
                         drop(permit);
                     });
                 }
-                Err(fail) => {
-                    let _ = tx.send(answer_err(&f.header, &fail));
-                }
+                Err(fail) => answer(&tx, &f.header, Err(&fail)),
             }
             continue;
         }
         let tx = tx.clone();
         tokio::spawn(async move {
-            let out = handle_request(&vol, f).await;
-            let _ = tx.send(out);
+            let h = f.header.clone();
+            let r = handle_request(&vol, f).await;
+            if let Err(fail) = &r {
+                tracing::debug!(volume = %h.volume, kind = ?h.kind, code = ?fail.code, msg = %fail.message, "request failed");
+            }
+            answer(&tx, &h, r.as_deref());
             drop(permit);
         });
     }
 }
 
-async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Vec<u8> {
-    let Frame { header, payload } = f;
+async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Result<Vec<u8>, Fail> {
+    let Frame {
+        header,
+        payload,
+        payload_crc,
+    } = f;
     let h = &header;
-    let r: Result<Vec<u8>, Fail> = match h.kind {
+    match h.kind {
         MsgKind::Write => {
             if payload.len() as u64 != h.length as u64 {
                 Err(Fail::new(
@@ -361,17 +366,17 @@ async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Vec<u8> {
                     "write: payload length differs from header length",
                 ))
             } else {
-                vol.client_write(WriteOp::Write, h, payload)
+                vol.client_write(WriteOp::Write, h, payload, payload_crc)
                     .await
                     .map(|_| Vec::new())
             }
         }
         MsgKind::WriteZeroes => vol
-            .client_write(WriteOp::WriteZeroes, h, Vec::new())
+            .client_write(WriteOp::WriteZeroes, h, Vec::new(), crc32c::crc32c(&[]))
             .await
             .map(|_| Vec::new()),
         MsgKind::Discard => vol
-            .client_write(WriteOp::Discard, h, Vec::new())
+            .client_write(WriteOp::Discard, h, Vec::new(), crc32c::crc32c(&[]))
             .await
             .map(|_| Vec::new()),
         MsgKind::Read => {
@@ -388,13 +393,6 @@ async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Vec<u8> {
             ErrorCode::Unsupported,
             format!("{:?} is not a request this server serves", h.kind),
         )),
-    };
-    match r {
-        Ok(body) => answer_ok(h, &body),
-        Err(fail) => {
-            tracing::debug!(volume = %h.volume, kind = ?h.kind, code = ?fail.code, msg = %fail.message, "request failed");
-            answer_err(h, &fail)
-        }
     }
 }
 

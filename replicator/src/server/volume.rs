@@ -759,6 +759,7 @@ impl VolumeRuntime {
         op: WriteOp,
         h: &Header,
         payload: Vec<u8>,
+        payload_crc: u32,
     ) -> Result<(), Fail> {
         let (g, e) = self.check_primary(h)?;
         let len = match op {
@@ -774,7 +775,9 @@ impl VolumeRuntime {
                 Ordering::Relaxed,
             );
         }
-        let r = self.sequenced_write(op, off, len, fua, payload, g, e).await;
+        let r = self
+            .sequenced_write(op, off, len, fua, payload, payload_crc, g, e)
+            .await;
         self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
         match &r {
             Ok(()) => {
@@ -796,6 +799,7 @@ impl VolumeRuntime {
         len: u64,
         fua: bool,
         payload: Vec<u8>,
+        payload_crc: u32,
         g: u64,
         e: u64,
     ) -> Result<(), Fail> {
@@ -834,14 +838,20 @@ impl VolumeRuntime {
             if fua {
                 rh.flags |= FLAG_FUA;
             }
-            let body: &[u8] = if op == WriteOp::Write { &payload } else { &[] };
+            // The client's payload CRC, verified on arrival, is extended over the new header
+            // instead of summing 4 KiB again (see `frame::encode_with_payload_crc`).
+            let (body, body_crc): (&[u8], u32) = if op == WriteOp::Write {
+                (&payload, payload_crc)
+            } else {
+                (&[], crc32c::crc32c(&[]))
+            };
             for p in self.peers() {
                 match p.state() {
                     PeerState::OutOfSync => missed.push(p),
                     _ => match p.link() {
                         Some(l) => {
                             rh.request_id = l.next_request_id();
-                            match l.send(&rh, body) {
+                            match l.send_with_payload_crc(&rh, body, body_crc) {
                                 Ok(rx) => sends.push((p, Some(rx))),
                                 Err(_) => sends.push((p, None)),
                             }
