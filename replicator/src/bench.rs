@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// Measure on the fresh sparse volumes instead of writing every block once first.
     #[arg(long)]
     pub no_precondition: bool,
+    /// Hold a PM QoS limit on CPU wake-up latency (us) for the whole run: the kernel applies
+    /// it to the machine, so to every configuration alike (see `--cpu-latency-limit-us` of
+    /// `replicator serve`). 0: idle CPUs poll instead of halting.
+    #[arg(long)]
+    pub cpu_latency_limit_us: Option<u32>,
 }
 
 /// The adaptive queue worker's polling spell (`vhost-target`'s `ADAPTIVE_IDLE`).
@@ -548,6 +553,7 @@ struct Round {
     rebuild_secs: f64,
     rebuild_copy_secs: f64,
     disk_mbps: f64,
+    store_copy_mbps: f64,
 }
 
 fn median(v: Vec<f64>) -> f64 {
@@ -571,6 +577,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.catchup_mib > a.size_mib {
         bail!("--catchup-mib must not exceed --size-mib");
     }
+    let _cpu_limit = crate::cli::hold_cpu_latency_limit(a.cpu_latency_limit_us)?;
     let size = a.size_mib * MIB;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if a.local_threads == 0 {
@@ -723,13 +730,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             rebuild_mb = (regions * MIB) as f64 / 1e6;
             site.wait_in_sync(Duration::from_secs(60))?;
         }
-        let disk_mbps = if a.skip_copy {
-            f64::NAN
+        let (disk_mbps, store_copy_mbps) = if a.skip_copy {
+            (f64::NAN, f64::NAN)
         } else {
-            disk_write_mbps(&a.dir, size, r)?
+            settle();
+            let d = disk_write_mbps(&a.dir, size, r)?;
+            settle();
+            (d, store_copy_mbps(&a.dir, size, r)?)
         };
         let rd = Round {
             disk_mbps,
+            store_copy_mbps,
             local_4k,
             single_4k,
             repl_4k,
@@ -751,7 +762,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             "round {}: 4k store {:.0} one server {:.0} repl {:.0} IOPS ({:.2}x); \
              128k store {:.0} one server {:.0} repl {:.0} MB/s ({:.2}x); \
              QD1 p50 store {:.1} one server {:.1} repl {:.1} us, rtt {:.1} us; \
-             catch-up {:.0} MB/s, rebuild {:.0} MB/s, disk alone {:.0} MB/s",
+             catch-up {:.0} MB/s, rebuild {:.0} MB/s, new file {:.0} MB/s, \
+             store copy {:.0} MB/s",
             r + 1,
             rd.local_4k.iops(),
             rd.single_4k.iops(),
@@ -768,6 +780,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             rd.catchup_mb / rd.catchup_copy_secs,
             rd.rebuild_mb / rd.rebuild_copy_secs,
             rd.disk_mbps,
+            rd.store_copy_mbps,
         );
         rounds.push(rd);
     }
@@ -780,9 +793,44 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the disk under `dir` takes on its own, the ceiling of a durable copy: a new file of
-/// `size` bytes written sequentially in 1 MiB `pwrite`s and fdatasync'ed (what a rebuild
-/// does to the new replica's file), timed to the end of the sync, then moved to the trash.
+/// The store alone writing what a rebuild's secondary writes, without network or primary: a
+/// new replica filled in 1 MiB writes, each written back as it goes and waited for and
+/// dropped from the page cache `COPY_LAG` regions later (as the copies of a window are),
+/// then synced. The ceiling of a rebuild on this storage by the rebuild's own method;
+/// unlike [`disk_write_mbps`] it reuses the page cache's pages, which on this VM is what
+/// sets the pace (a fresh page costs the host a fault).
+fn store_copy_mbps(dir: &std::path::Path, size: u64, round: usize) -> anyhow::Result<f64> {
+    const COPY_LAG: usize = 16;
+    let root = dir.join("store-copy");
+    let store = ReplicaStore::open(&root)?;
+    let rep = store.open_or_create(&VolumeName::new("copy")?, size, BS as u32)?;
+    let buf = vec![0x5Au8; MIB as usize];
+    let regions: Vec<(u64, u64)> = (0..size)
+        .step_by(MIB as usize)
+        .map(|off| (off, (size - off).min(MIB)))
+        .collect();
+    let t = Instant::now();
+    for (i, &(off, len)) in regions.iter().enumerate() {
+        rep.write_at(off, &buf[..len as usize])?;
+        rep.start_writeback(off, len)?;
+        if let Some(&(o, l)) = i.checked_sub(COPY_LAG).map(|j| &regions[j]) {
+            rep.finish_writeback_and_drop(o, l)?;
+        }
+    }
+    for &(o, l) in &regions[regions.len().saturating_sub(COPY_LAG)..] {
+        rep.finish_writeback_and_drop(o, l)?;
+    }
+    rep.sync()?;
+    let mbps = size as f64 / t.elapsed().as_secs_f64() / 1e6;
+    drop((rep, store));
+    to_trash(dir, &root, &format!("store-copy-round{round}"))?;
+    Ok(mbps)
+}
+
+/// A new file of `size` bytes under `dir` written sequentially in 1 MiB `pwrite`s through the
+/// page cache and fdatasync'ed, timed to the end of the sync, then moved to the trash: the
+/// plain way to fill a file. Every page it writes is a fresh one, which on this VM bounds it
+/// (tmpfs gives the same figure as ext4); see [`store_copy_mbps`] for the rebuild's method.
 fn disk_write_mbps(dir: &std::path::Path, size: u64, round: usize) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
     let path = dir.join("disk-alone");
@@ -843,6 +891,17 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
         a.size_mib,
         a.depth
     );
+    // What the kernel applied, whoever asked for it: the figures depend on it more than on
+    // anything else on a VM (see `replicator::cpu_latency`).
+    let limit = match crate::cpu_latency::current_limit_us() {
+        Ok(v) if v >= 1_000_000 => "none (idle CPUs may halt)".to_string(),
+        Ok(v) => format!(
+            "{v} us (PM QoS{})",
+            if v == 0 { ": idle CPUs poll" } else { "" }
+        ),
+        Err(e) => format!("unknown ({e})"),
+    };
+    println!("CPU wake-up latency limit in force: {limit}.\n");
     println!("Store = `VolumeReplica::write_at` in this process; one server = client library to one server without a secondary; replicated = client library to a primary with one in-sync secondary. Ratio = replicated / one server.\n");
     println!("| round | 4k QD{d} store IOPS | one server | replicated | ratio | 128k seq store MB/s | one server | replicated | ratio |", d = a.depth);
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -898,11 +957,11 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
         "\nQD1 samples per round: store {}, one server {}, replicated {}.\n",
         rounds[0].local_qd1.n, rounds[0].single_qd1.n, rounds[0].repl_qd1.n
     );
-    println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s | disk alone MB/s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s | new file MB/s | store copy MB/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, r) in rounds.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
             i + 1,
             r.catchup_mb,
             r.catchup_copy_secs,
@@ -913,13 +972,15 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
             r.rebuild_mb / r.rebuild_copy_secs,
             r.rebuild_secs,
             r.disk_mbps,
+            r.store_copy_mbps,
         );
     }
     println!(
-        "| median | | | {:.0} | | | | {:.0} | | {:.0} |",
+        "| median | | | {:.0} | | | | {:.0} | | {:.0} | {:.0} |",
         m(&|r| r.catchup_mb / r.catchup_copy_secs),
         m(&|r| r.rebuild_mb / r.rebuild_copy_secs),
         m(&|r| r.disk_mbps),
+        m(&|r| r.store_copy_mbps),
     );
 }
 

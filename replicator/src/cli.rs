@@ -98,6 +98,13 @@ pub struct ServeArgs {
     /// volumes need more than one core; N: exactly N.
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
+    /// While serving, ask the kernel (PM QoS, `/dev/cpu_dma_latency`, needs root) that no
+    /// CPU take longer than this many microseconds to wake from idle. 0: idle CPUs poll
+    /// instead of halting, which on a VM cuts each wake-up of a server thread from tens of
+    /// microseconds to a few, at the price of idle CPUs kept at 100% (see
+    /// `replicator::cpu_latency` and docs/operator-guide.md). Off by default.
+    #[arg(long)]
+    pub cpu_latency_limit_us: Option<u32>,
 }
 
 #[derive(Parser, Debug)]
@@ -208,6 +215,8 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         a.authority,
         Duration::from_millis(a.authority_timeout_ms.max(1)),
     ));
+    // Held until the server returns: the kernel drops the request with the file.
+    let _cpu_limit = hold_cpu_latency_limit(a.cpu_latency_limit_us)?;
     let rt = match a.worker_threads {
         0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -221,6 +230,16 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             .build()?,
     };
     rt.block_on(crate::server::serve(cfg, authority))
+}
+
+/// Holds the `--cpu-latency-limit-us` request, if one was given.
+pub fn hold_cpu_latency_limit(
+    us: Option<u32>,
+) -> anyhow::Result<Option<crate::cpu_latency::CpuLatencyLimit>> {
+    let Some(us) = us else { return Ok(None) };
+    let held = crate::cpu_latency::CpuLatencyLimit::hold(us).context("--cpu-latency-limit-us")?;
+    tracing::info!(us, "holding a CPU wake-up latency limit (PM QoS)");
+    Ok(Some(held))
 }
 
 fn client(a: ClientArgs) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ pub mod authority;
 pub mod bench;
 pub mod cli;
 pub mod conn;
+pub mod cpu_latency;
 pub mod frame;
 pub mod health;
 pub mod local_site;

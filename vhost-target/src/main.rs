@@ -82,6 +82,12 @@ struct TargetFlags {
     /// production).
     #[arg(long)]
     enable_fault_injection: bool,
+    /// While running, ask the kernel (PM QoS, needs root) that no CPU take longer than this
+    /// many microseconds to wake from idle; 0 makes idle CPUs poll instead of halting (on a
+    /// VM, wake-ups of tens of microseconds become a few; idle CPUs stay at 100%). Off by
+    /// default. See docs/operator-guide.md.
+    #[arg(long)]
+    cpu_latency_limit_us: Option<u32>,
 }
 
 impl TargetFlags {
@@ -187,6 +193,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         bail!("-S {} is not a directory", vhost_socket_dir.display());
     }
     let settings = args.target.settings(vhost_socket_dir)?;
+    // Held until serve returns: the kernel drops the request with the file.
+    let _cpu_limit = replicator::cli::hold_cpu_latency_limit(args.target.cpu_latency_limit_us)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         cpumask = %settings.core_mask,
@@ -267,6 +275,8 @@ fn cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     use vhost_target::cluster::{ClusterOptions, LocalCluster};
     let signals = block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
     init_logging();
+    // The kernel applies it to the whole machine: the servers of the cluster too.
+    let _cpu_limit = replicator::cli::hold_cpu_latency_limit(args.target.cpu_latency_limit_us)?;
     let opts = ClusterOptions {
         dir: args.dir.clone(),
         volume: args.volume,
