@@ -46,6 +46,8 @@ pub enum StoreError {
     GeometryMismatch(String),
     #[error("corrupt metadata in {path}: {reason}")]
     CorruptMeta { path: PathBuf, reason: String },
+    #[error("data directory {} is in use by another process{}", .path.display(), .holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse { path: PathBuf, holder: Option<u32> },
 }
 
 /// Persistent facts about one replica.
@@ -374,10 +376,51 @@ fn write_meta(dir: &Path, meta: &VolumeMeta) -> io::Result<()> {
 pub struct ReplicaStore {
     root: PathBuf,
     volumes: Mutex<HashMap<VolumeName, Arc<VolumeReplica>>>,
+    /// Holds the data directory's lock (see [`lock_data_dir`]) for the store's life.
+    _lock: File,
+}
+
+/// Takes an exclusive `flock` on `root/lock`, so that a second server started on the same
+/// data directory is refused instead of writing the same replicas (two writers would each
+/// believe their own metadata, sequence numbers and bitmaps). The kernel releases it when the
+/// process exits, kill -9 included, so a restart never finds a stale lock. The holder's pid
+/// is written into the file for the error message.
+fn lock_data_dir(root: &Path) -> Result<File, StoreError> {
+    let path = root.join("lock");
+    let io_err = |e| StoreError::Io {
+        volume: "-".into(),
+        source: e,
+    };
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err)?;
+    // SAFETY: flock only takes the descriptor, which `f` owns and keeps open.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let holder = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            return Err(StoreError::InUse {
+                path: root.to_owned(),
+                holder,
+            });
+        }
+        return Err(io_err(e));
+    }
+    f.set_len(0).map_err(io_err)?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(io_err)?;
+    Ok(f)
 }
 
 impl ReplicaStore {
-    /// Opens the data directory, loading every volume found in it.
+    /// Opens the data directory, loading every volume found in it. Fails with
+    /// [`StoreError::InUse`] while another `ReplicaStore` (in any process) has it open.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let vdir = root.join("volumes");
         fs::create_dir_all(&vdir).map_err(|e| StoreError::Io {
@@ -387,6 +430,7 @@ impl ReplicaStore {
         let store = Self {
             root: root.to_owned(),
             volumes: Mutex::new(HashMap::new()),
+            _lock: lock_data_dir(root)?,
         };
         let entries = fs::read_dir(&vdir).map_err(|e| StoreError::Io {
             volume: "-".into(),
@@ -702,6 +746,25 @@ mod tests {
         let m = r.meta();
         assert_eq!((m.epoch, m.synced), (3, true));
         assert!(!dir.path().join("volumes/a/meta.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_data_directory_has_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path()).unwrap();
+        // flock locks belong to the open file, so a second open in this process conflicts
+        // just as one in another process would.
+        match ReplicaStore::open(dir.path()) {
+            Err(StoreError::InUse { path, holder }) => {
+                assert_eq!(path, dir.path());
+                assert_eq!(holder, Some(std::process::id()));
+            }
+            other => panic!("second open: {other:?}"),
+        }
+        let msg = ReplicaStore::open(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("in use by another process (pid "), "{msg}");
+        drop(s);
+        ReplicaStore::open(dir.path()).expect("free again once the first store is gone");
     }
 
     #[test]
