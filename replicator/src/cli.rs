@@ -3,6 +3,7 @@
 
 use crate::authority::client::ClientAuthority;
 use crate::authority::Authority;
+use crate::peer_auth::PeerKey;
 use crate::pipeline::{IoKind, IoRequest, PipelineConfig, ReplicationPipeline};
 use crate::server::ServerConfig;
 use crate::stamp::{parse_stamp, stamp_block, Stamp};
@@ -34,6 +35,13 @@ pub enum Cmd {
     /// Benchmark: replicated writes through the client library against the same store
     /// written locally (docs/replication-performance.md).
     Bench(crate::bench::BenchArgs),
+    /// Write a new random peer key (hex, mode 0600) for `--peer-key-file`: give the same file
+    /// to every server and client of a site.
+    PeerKey {
+        /// Where to write it; an existing file is not overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -105,6 +113,12 @@ pub struct ServeArgs {
     /// `replicator::cpu_latency` and docs/operator-guide.md). Off by default.
     #[arg(long)]
     pub cpu_latency_limit_us: Option<u32>,
+    /// The site's shared key (hex, mode 0600; `replicator peer-key --out F` makes one). With
+    /// it, every connection to the data port must prove it holds the key before any frame is
+    /// served, and this server proves it to its peers (docs/replication.md,
+    /// "Status", item 4). Without it, the data port serves anyone who reaches it.
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -124,6 +138,9 @@ pub struct ClientArgs {
     /// long (it checks the primary's health first). Off when absent.
     #[arg(long)]
     pub takeover_after_ms: Option<u64>,
+    /// The site's shared key, when its servers run with `--peer-key-file`.
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
     #[command(subcommand)]
     pub op: ClientOp,
 }
@@ -190,6 +207,11 @@ pub fn main() -> anyhow::Result<()> {
         Cmd::Client(a) => client(a),
         Cmd::LocalSite(a) => local_site(a),
         Cmd::Bench(a) => crate::bench::run(a),
+        Cmd::PeerKey { out } => {
+            PeerKey::generate()?.write_key_file(&out)?;
+            println!("wrote a new peer key to {}", out.display());
+            Ok(())
+        }
     }
 }
 
@@ -211,6 +233,12 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.peer_retry = cfg.refresh_interval;
     cfg.drift_margin_ms = a.drift_margin_ms;
     cfg.enable_fault_injection = a.enable_fault_injection;
+    cfg.peer_key = a
+        .peer_key_file
+        .as_deref()
+        .map(PeerKey::from_key_file)
+        .transpose()
+        .context("--peer-key-file")?;
     let authority: Arc<dyn Authority> = Arc::new(ClientAuthority::new(
         a.authority,
         Duration::from_millis(a.authority_timeout_ms.max(1)),
@@ -262,6 +290,12 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
         bail!("block size {bs} too small for stamped blocks");
     }
     let mut pc = PipelineConfig::new(&a.site, &a.volume, authority());
+    pc.peer_key = a
+        .peer_key_file
+        .as_deref()
+        .map(PeerKey::from_key_file)
+        .transpose()
+        .context("--peer-key-file")?;
     pc.request_timeout = Duration::from_millis(a.timeout_ms);
     pc.takeover_after = a.takeover_after_ms.map(Duration::from_millis);
     let p = ReplicationPipeline::start(pc)?;

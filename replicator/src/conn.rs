@@ -3,7 +3,8 @@
 //! and answers matched by request id (used by the primary towards its secondaries and by
 //! the client pipeline towards the primary).
 
-use crate::frame::{self, Frame, FrameError, Header, HEADER_LEN};
+use crate::frame::{self, ErrorBody, Frame, FrameError, Header, MsgKind, VolumeName, HEADER_LEN};
+use crate::peer_auth::{self, PeerKey, Role};
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -262,22 +263,33 @@ impl std::fmt::Debug for PeerLink {
 }
 
 impl PeerLink {
-    /// Connects to `addr`. With `events`, every answer is delivered there (see [`LinkEvent`]);
-    /// without, each [`PeerLink::send`] gets its own one-shot.
+    /// Connects to `addr`, and with a `key` authenticates both ways first (see
+    /// [`crate::peer_auth`]; the handshake counts against `timeout` too). With `events`, every
+    /// answer is delivered there (see [`LinkEvent`]); without, each [`PeerLink::send`] gets
+    /// its own one-shot.
     pub async fn connect(
         addr: &str,
         timeout: Duration,
+        key: Option<&PeerKey>,
         events: Option<mpsc::UnboundedSender<LinkEvent>>,
     ) -> Result<Self, LinkError> {
         let err = |reason: String| LinkError::Connect {
             addr: addr.to_owned(),
             reason,
         };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| err("timed out".into()))?
-            .map_err(|e| err(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let stream = tokio::time::timeout(timeout, async {
+            let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            if let Some(key) = key {
+                authenticate(&mut stream, key)
+                    .await
+                    .map_err(|why| format!("authentication: {why}"))?;
+            }
+            Ok::<_, String>(stream)
+        })
+        .await
+        .map_err(|_| err("timed out".into()))?
+        .map_err(err)?;
         let (r, w) = stream.into_split();
         let mut r = frame_reader(r);
         let tx = spawn_writer(w);
@@ -436,6 +448,46 @@ impl PeerLink {
     }
 }
 
+/// The client's side of the handshake in [`crate::peer_auth`], on the bare stream before the
+/// link's tasks start.
+async fn authenticate(stream: &mut TcpStream, key: &PeerKey) -> Result<(), String> {
+    let cn = peer_auth::nonce().map_err(|e| e.to_string())?;
+    let mut h = Header::new(MsgKind::Auth, 0, VolumeName::none());
+    h.flags = peer_auth::AUTH_HELLO;
+    let answer = auth_step(stream, &h, &cn).await?;
+    if answer.len() != peer_auth::NONCE_LEN + peer_auth::TAG_LEN {
+        return Err(format!("the server's challenge is {} bytes", answer.len()));
+    }
+    let (sn, server_tag) = answer.split_at(peer_auth::NONCE_LEN);
+    if !key.verify(Role::Server, &cn, sn, server_tag) {
+        return Err("the server does not hold this site's peer key".into());
+    }
+    h.flags = peer_auth::AUTH_PROOF;
+    h.request_id = 1;
+    auth_step(stream, &h, &key.tag(Role::Client, &cn, sn)).await?;
+    Ok(())
+}
+
+/// Sends one handshake frame and returns its `Ok` answer's payload.
+async fn auth_step(stream: &mut TcpStream, h: &Header, payload: &[u8]) -> Result<Vec<u8>, String> {
+    stream
+        .write_all(&frame::encode(h, payload))
+        .await
+        .map_err(|e| e.to_string())?;
+    let f = read_frame(stream)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the server closed the connection")?;
+    match f.header.kind {
+        MsgKind::Ok if f.header.request_id == h.request_id => Ok(f.payload),
+        MsgKind::Error => Err(match ErrorBody::decode(&f.payload) {
+            Some(b) => format!("the server refused: {:?}: {}", b.code, b.message),
+            None => "the server refused".into(),
+        }),
+        k => Err(format!("unexpected {k:?} answer")),
+    }
+}
+
 impl Drop for PeerLink {
     fn drop(&mut self) {
         self.reader.abort();
@@ -445,7 +497,6 @@ impl Drop for PeerLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{MsgKind, VolumeName};
     use tokio::net::TcpListener;
 
     async fn pair() -> (TcpStream, TcpStream) {

@@ -61,6 +61,9 @@ pub enum MsgKind {
     /// Client to a secondary: "I cannot reach the primary, take over". The secondary checks
     /// the primary's health and the authority first (see `VolumeRuntime::takeover`).
     Takeover = 9,
+    /// A step of the connection's authentication handshake (`flags`: HELLO or PROOF; see
+    /// [`crate::peer_auth`]). Only as the first frames of a connection.
+    Auth = 10,
     /// Successful answer. Reads carry the data as payload.
     Ok = 0x80,
     /// Failed answer: payload is [`ErrorBody`]; fencing errors carry the newer
@@ -80,6 +83,7 @@ impl MsgKind {
             7 => Self::CatchUp,
             8 => Self::Health,
             9 => Self::Takeover,
+            10 => Self::Auth,
             0x80 => Self::Ok,
             0x81 => Self::Error,
             _ => return None,
@@ -380,6 +384,9 @@ pub enum ErrorCode {
     PrimaryHealthy = 11,
     /// A takeover was refused: this replica is not in sync.
     NotInSync = 12,
+    /// The connection did not authenticate (or failed to) and the server requires it; the
+    /// server closes it after this answer.
+    Unauthenticated = 13,
 }
 
 impl ErrorCode {
@@ -397,6 +404,7 @@ impl ErrorCode {
             10 => Self::Unsupported,
             11 => Self::PrimaryHealthy,
             12 => Self::NotInSync,
+            13 => Self::Unauthenticated,
             _ => return None,
         })
     }
@@ -444,6 +452,7 @@ mod tests {
             MsgKind::CatchUp,
             MsgKind::Health,
             MsgKind::Takeover,
+            MsgKind::Auth,
             MsgKind::Ok,
             MsgKind::Error,
         ])

@@ -71,6 +71,8 @@ pub fn health_json(ctx: &ServerCtx) -> Value {
         "data_addr": ctx.data_addr.to_string(),
         "uptime_ms": now_ms,
         "bad_frames": ctx.stats.bad_frames.load(Ordering::Relaxed),
+        "authenticates": ctx.config.peer_key.is_some(),
+        "auth_failures": ctx.stats.auth_failures.load(Ordering::Relaxed),
         "volumes": vols,
     })
 }
@@ -83,6 +85,12 @@ pub fn metrics_text(ctx: &ServerCtx) -> String {
         s,
         "replicator_bad_frames_total{{server=\"{sid}\"}} {}",
         ctx.stats.bad_frames.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(s, "# TYPE replicator_auth_failures_total counter");
+    let _ = writeln!(
+        s,
+        "replicator_auth_failures_total{{server=\"{sid}\"}} {}",
+        ctx.stats.auth_failures.load(Ordering::Relaxed)
     );
     let _ = writeln!(s, "# TYPE replicator_connections_total counter");
     let _ = writeln!(

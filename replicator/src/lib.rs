@@ -9,6 +9,7 @@ pub mod cpu_latency;
 pub mod frame;
 pub mod health;
 pub mod local_site;
+pub mod peer_auth;
 pub mod pipeline;
 pub mod server;
 pub mod stamp;

@@ -15,6 +15,7 @@
 use crate::authority::Authority;
 use crate::conn::{LinkEvent, PeerLink};
 use crate::frame::{ErrorBody, ErrorCode, Header, MsgKind, VolumeName, FLAG_FUA, MAX_PAYLOAD};
+use crate::peer_auth::PeerKey;
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -78,6 +79,9 @@ pub struct PipelineConfig {
     /// Fault injection (tests, drills): servers this client must act as if it cannot reach,
     /// a one-sided network cut. `None` in production; see `docs/replication.md`.
     pub cut_servers: Option<CutServers>,
+    /// The site's shared key, when its servers require authentication
+    /// ([`crate::peer_auth`]).
+    pub peer_key: Option<PeerKey>,
 }
 
 /// The set of server ids a client treats as unreachable (fault injection only).
@@ -94,6 +98,7 @@ impl PipelineConfig {
             retry_backoff: Duration::from_millis(50),
             takeover_after: None,
             cut_servers: None,
+            peer_key: None,
         }
     }
 }
@@ -434,6 +439,7 @@ impl NetSide {
             match PeerLink::connect(
                 &p.data_addr,
                 self.cfg.connect_timeout,
+                self.cfg.peer_key.as_ref(),
                 Some(self.events_tx.clone()),
             )
             .await
@@ -534,7 +540,9 @@ impl NetSide {
             .iter()
             .filter(|s| s.in_sync && Some(&s.server_id) != info.primary.as_ref())
         {
-            let Ok(link) = PeerLink::connect(&s.data_addr, self.cfg.connect_timeout, None).await
+            let key = self.cfg.peer_key.as_ref();
+            let Ok(link) =
+                PeerLink::connect(&s.data_addr, self.cfg.connect_timeout, key, None).await
             else {
                 continue;
             };

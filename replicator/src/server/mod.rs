@@ -7,6 +7,7 @@ pub mod volume;
 use crate::authority::Authority;
 use crate::conn::{frame_reader, read_frame, spawn_writer, FrameSink};
 use crate::frame::{self, ErrorBody, ErrorCode, Frame, Header, MsgKind, VolumeName};
+use crate::peer_auth::{self, PeerKey, Role};
 use crate::store::ReplicaStore;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +43,9 @@ pub struct ServerConfig {
     pub drift_margin_ms: u64,
     /// Lets `POST /fault` on the admin port inject disk errors (tests only).
     pub enable_fault_injection: bool,
+    /// The site's shared key: with one, every connection to the data port must authenticate
+    /// first, and this server authenticates to its peers with it ([`crate::peer_auth`]).
+    pub peer_key: Option<PeerKey>,
 }
 
 impl ServerConfig {
@@ -60,6 +64,7 @@ impl ServerConfig {
             peer_retry: Duration::from_millis(200),
             drift_margin_ms: 100,
             enable_fault_injection: false,
+            peer_key: None,
         }
     }
 }
@@ -94,6 +99,8 @@ impl Fail {
 pub struct ServerStats {
     pub connections: AtomicU64,
     pub bad_frames: AtomicU64,
+    /// Connections closed because they did not authenticate (with a peer key configured).
+    pub auth_failures: AtomicU64,
     pub unknown_volume: AtomicU64,
 }
 
@@ -277,6 +284,13 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
     let (r, w) = stream.into_split();
     let mut r = frame_reader(r);
     let tx = spawn_writer(w);
+    if let Some(key) = &ctx.config.peer_key {
+        if let Err(why) = accept_auth(&mut r, &tx, key).await {
+            ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, reason = %why, "closing connection: authentication failed");
+            return;
+        }
+    }
     let sem = Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CONN));
     loop {
         let f = match read_frame(&mut r).await {
@@ -296,6 +310,16 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
+        if f.header.kind == MsgKind::Auth {
+            // Only a server with a key authenticates, and only as a connection's first frames.
+            let why = if ctx.config.peer_key.is_some() {
+                "authentication is only the first frames of a connection"
+            } else {
+                "this server has no peer key (--peer-key-file): it does not authenticate connections"
+            };
+            answer(&tx, &f.header, Err(&Fail::new(ErrorCode::Unsupported, why)));
+            continue;
+        }
         if f.header.kind == MsgKind::Health {
             let body = serde_json::to_vec(&crate::health::health_json(&ctx)).expect("json");
             answer(&tx, &f.header, Ok(&body));
@@ -349,6 +373,51 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
             drop(permit);
         });
     }
+}
+
+/// The server's side of the handshake in [`crate::peer_auth`]: a HELLO with the client's
+/// nonce, answered with ours and our tag, then the client's PROOF. Anything else, or a wrong
+/// tag, is answered `Unauthenticated` and ends the connection.
+async fn accept_auth<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    tx: &FrameSink,
+    key: &PeerKey,
+) -> Result<(), String> {
+    let refuse = |h: &Header, why: &str| {
+        answer(tx, h, Err(&Fail::new(ErrorCode::Unauthenticated, why)));
+        why.to_string()
+    };
+    let next = |f: Result<Option<Frame>, crate::conn::ReadError>| match f {
+        Ok(Some(f)) => Ok(f),
+        Ok(None) => Err("closed before authenticating".to_string()),
+        Err(e) => Err(format!("bad frame before authenticating: {e}")),
+    };
+    let hello = next(read_frame(r).await)?;
+    if hello.header.kind != MsgKind::Auth || hello.header.flags != peer_auth::AUTH_HELLO {
+        return Err(refuse(
+            &hello.header,
+            "this server requires authentication with the site's peer key first",
+        ));
+    }
+    if hello.payload.len() != peer_auth::NONCE_LEN {
+        return Err(refuse(&hello.header, "the client's nonce is not 32 bytes"));
+    }
+    let sn = peer_auth::nonce().map_err(|e| refuse(&hello.header, &e.to_string()))?;
+    let mut challenge = sn.to_vec();
+    challenge.extend_from_slice(&key.tag(Role::Server, &hello.payload, &sn));
+    answer(tx, &hello.header, Ok(&challenge));
+    let proof = next(read_frame(r).await)?;
+    if proof.header.kind != MsgKind::Auth || proof.header.flags != peer_auth::AUTH_PROOF {
+        return Err(refuse(&proof.header, "expected the client's proof"));
+    }
+    if !key.verify(Role::Client, &hello.payload, &sn, &proof.payload) {
+        return Err(refuse(
+            &proof.header,
+            "the client does not hold this site's peer key",
+        ));
+    }
+    answer(tx, &proof.header, Ok(&[]));
+    Ok(())
 }
 
 async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Result<Vec<u8>, Fail> {

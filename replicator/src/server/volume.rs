@@ -10,6 +10,7 @@ use crate::conn::PeerLink;
 use crate::frame::{
     ErrorBody, ErrorCode, Frame, Header, MsgKind, ReplicaOp, VolumeName, FLAG_CATCH_UP, FLAG_FUA,
 };
+use crate::peer_auth::PeerKey;
 use crate::store::{DirtyBitmap, StoreError, VolumeReplica};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -598,7 +599,8 @@ impl VolumeRuntime {
                 format!("peer {} has no address yet", p.server_id),
             ));
         }
-        PeerLink::connect(&addr, self.ctx.config.replicate_timeout, None)
+        let key = self.ctx.config.peer_key.as_ref();
+        PeerLink::connect(&addr, self.ctx.config.replicate_timeout, key, None)
             .await
             .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, e.to_string()))
     }
@@ -1371,7 +1373,8 @@ impl VolumeRuntime {
             ));
         }
         if let Some(p) = info.primary_entry() {
-            if primary_is_healthy(&p.data_addr, &self.name, cfg.replicate_timeout).await {
+            let key = cfg.peer_key.as_ref();
+            if primary_is_healthy(&p.data_addr, &self.name, cfg.replicate_timeout, key).await {
                 return Err(Fail::new(
                     ErrorCode::PrimaryHealthy,
                     format!("primary {} answers with a valid lease", p.server_id),
@@ -1786,11 +1789,16 @@ impl Drop for ActiveWrite {
 
 /// Asks the server at `addr` for its health and says whether it is the leased primary of
 /// `volume` with its I/O progressing. Any failure to answer in time counts as unhealthy.
-async fn primary_is_healthy(addr: &str, volume: &VolumeName, timeout: Duration) -> bool {
+async fn primary_is_healthy(
+    addr: &str,
+    volume: &VolumeName,
+    timeout: Duration,
+    key: Option<&PeerKey>,
+) -> bool {
     if addr.is_empty() {
         return false;
     }
-    let Ok(link) = PeerLink::connect(addr, timeout, None).await else {
+    let Ok(link) = PeerLink::connect(addr, timeout, key, None).await else {
         return false;
     };
     let h = Header::new(MsgKind::Health, link.next_request_id(), VolumeName::none());
