@@ -233,12 +233,7 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.peer_retry = cfg.refresh_interval;
     cfg.drift_margin_ms = a.drift_margin_ms;
     cfg.enable_fault_injection = a.enable_fault_injection;
-    cfg.peer_key = a
-        .peer_key_file
-        .as_deref()
-        .map(PeerKey::from_key_file)
-        .transpose()
-        .context("--peer-key-file")?;
+    cfg.peer_key = load_peer_key(a.peer_key_file.as_deref())?;
     let authority: Arc<dyn Authority> = Arc::new(ClientAuthority::new(
         a.authority,
         Duration::from_millis(a.authority_timeout_ms.max(1)),
@@ -258,6 +253,13 @@ pub fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
             .build()?,
     };
     rt.block_on(crate::server::serve(cfg, authority))
+}
+
+/// Reads `--peer-key-file`, if one was given.
+fn load_peer_key(path: Option<&std::path::Path>) -> anyhow::Result<Option<PeerKey>> {
+    path.map(PeerKey::from_key_file)
+        .transpose()
+        .context("--peer-key-file")
 }
 
 /// Holds the `--cpu-latency-limit-us` request, if one was given.
@@ -290,12 +292,7 @@ fn client(a: ClientArgs) -> anyhow::Result<()> {
         bail!("block size {bs} too small for stamped blocks");
     }
     let mut pc = PipelineConfig::new(&a.site, &a.volume, authority());
-    pc.peer_key = a
-        .peer_key_file
-        .as_deref()
-        .map(PeerKey::from_key_file)
-        .transpose()
-        .context("--peer-key-file")?;
+    pc.peer_key = load_peer_key(a.peer_key_file.as_deref())?;
     pc.request_timeout = Duration::from_millis(a.timeout_ms);
     pc.takeover_after = a.takeover_after_ms.map(Duration::from_millis);
     let p = ReplicationPipeline::start(pc)?;

@@ -22,20 +22,26 @@ fn serve(dir: &std::path::Path, id: &str) -> Command {
     c
 }
 
-#[test]
-fn a_second_server_on_the_same_data_directory_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut first = serve(dir.path(), "a")
+/// Starts a server and waits until it has its store open: it prints its addresses after
+/// that.
+fn start_listening(dir: &std::path::Path) -> std::process::Child {
+    let mut c = serve(dir, "a")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until the first one has its store open: it prints its addresses after that.
     let mut line = String::new();
-    BufReader::new(first.stdout.take().unwrap())
+    BufReader::new(c.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("replicator listening"), "{line:?}");
+    c
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = start_listening(dir.path());
 
     let t0 = Instant::now();
     let second = serve(dir.path(), "b").output().unwrap();
@@ -59,16 +65,7 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     first.wait().unwrap();
 
     // Once it is gone (kill -9 included), the directory can be served again.
-    let mut again = serve(dir.path(), "a")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(again.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("replicator listening"), "{line:?}");
+    let mut again = start_listening(dir.path());
     again.kill().unwrap();
     again.wait().unwrap();
 }

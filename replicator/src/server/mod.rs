@@ -364,8 +364,12 @@ async fn serve_conn(ctx: Arc<ServerCtx>, stream: TcpStream, peer: SocketAddr) {
         }
         let tx = tx.clone();
         tokio::spawn(async move {
-            let h = f.header.clone();
-            let r = handle_request(&vol, f).await;
+            let Frame {
+                header: h,
+                payload,
+                payload_crc,
+            } = f;
+            let r = handle_request(&vol, &h, payload, payload_crc).await;
             if let Err(fail) = &r {
                 tracing::debug!(volume = %h.volume, kind = ?h.kind, code = ?fail.code, msg = %fail.message, "request failed");
             }
@@ -420,13 +424,12 @@ async fn accept_auth<R: tokio::io::AsyncRead + Unpin>(
     Ok(())
 }
 
-async fn handle_request(vol: &Arc<VolumeRuntime>, f: Frame) -> Result<Vec<u8>, Fail> {
-    let Frame {
-        header,
-        payload,
-        payload_crc,
-    } = f;
-    let h = &header;
+async fn handle_request(
+    vol: &Arc<VolumeRuntime>,
+    h: &Header,
+    payload: Vec<u8>,
+    payload_crc: u32,
+) -> Result<Vec<u8>, Fail> {
     match h.kind {
         MsgKind::Write => {
             if payload.len() as u64 != h.length as u64 {
