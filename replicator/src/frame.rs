@@ -3,7 +3,7 @@
 //! ```text
 //! offset size field
 //!  0     4   magic        b"TNDM"
-//!  4     1   version      1
+//!  4     1   version      3
 //!  5     1   kind         MsgKind
 //!  6     2   flags        FLAG_* bits (FUA, replicated sub-op, ...)
 //!  8     8   request_id   chosen by the sender, echoed in the answer
@@ -14,13 +14,16 @@
 //! 72     8   offset       byte offset of the operation
 //! 80     4   length       byte length of the operation (reads, zeroes, discard)
 //! 84     4   payload_len  bytes of payload following the header
-//! 88     4   crc          CRC32C over the payload and then bytes 0..88
+//! 88     8   commit       on a `Replicate`: every seq <= commit is on every in-sync replica
+//! 96     4   crc          CRC32C over the payload and then bytes 0..96
 //! ```
 //!
 //! The payload comes first in the checksum so that a server forwarding a payload under a new
 //! header (a primary's `Replicate`) extends the CRC it verified instead of reading the
-//! payload again: `crc32c_append(payload_crc, header)` costs 88 bytes, not 4 KiB. Version 2
-//! (version 1 summed the header first).
+//! payload again: `crc32c_append(payload_crc, header)` costs 96 bytes, not 4 KiB. Version 3
+//! added `commit` (the primary's commit point, which lets a new primary find the regions
+//! where surviving replicas may differ: `server::unsettled`); version 2 moved the payload
+//! first in the checksum (version 1 summed the header first).
 //!
 //! All integers are little-endian. A frame whose magic, version, kind, size or checksum is
 //! wrong is a [`FrameError`]; the connection that sent it is closed (the stream can no longer
@@ -29,8 +32,10 @@
 use thiserror::Error;
 
 pub const MAGIC: [u8; 4] = *b"TNDM";
-pub const VERSION: u8 = 2;
-pub const HEADER_LEN: usize = 92;
+pub const VERSION: u8 = 3;
+pub const HEADER_LEN: usize = 100;
+/// Bytes of the header the checksum covers (all but the checksum itself).
+const CHECKED_LEN: usize = HEADER_LEN - 4;
 /// Largest payload a frame may carry. Bigger I/O is split by the client.
 pub const MAX_PAYLOAD: usize = 4 << 20;
 pub const VOLUME_NAME_MAX: usize = 32;
@@ -167,6 +172,9 @@ pub struct Header {
     pub seq: u64,
     pub offset: u64,
     pub length: u32,
+    /// On a `Replicate`: the primary's commit point, every seq at or below it has been
+    /// answered by every in-sync replica (0 elsewhere). See `server::unsettled`.
+    pub commit: u64,
 }
 
 impl Header {
@@ -181,6 +189,7 @@ impl Header {
             seq: 0,
             offset: 0,
             length: 0,
+            commit: 0,
         }
     }
 
@@ -196,6 +205,7 @@ impl Header {
             seq: self.seq,
             offset: self.offset,
             length: self.length,
+            commit: 0,
         }
     }
 }
@@ -260,6 +270,7 @@ pub fn encode_with_payload_crc(
     out.extend_from_slice(&header.offset.to_le_bytes());
     out.extend_from_slice(&header.length.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header.commit.to_le_bytes());
     let crc = crc32c::crc32c_append(payload_crc, &out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(payload);
@@ -309,9 +320,9 @@ pub fn parse_header_prefix(bytes: &[u8; HEADER_LEN]) -> Result<RawHeader, FrameE
 pub fn finish_decode(raw: &RawHeader, payload: Vec<u8>) -> Result<Frame, FrameError> {
     let b = &raw.bytes;
     debug_assert_eq!(payload.len(), raw.payload_len);
-    let expected = u32_at(b, 88);
+    let expected = u32_at(b, CHECKED_LEN);
     let payload_crc = crc32c::crc32c(&payload);
-    let actual = crc32c::crc32c_append(payload_crc, &b[..88]);
+    let actual = crc32c::crc32c_append(payload_crc, &b[..CHECKED_LEN]);
     if expected != actual {
         return Err(FrameError::BadChecksum { expected, actual });
     }
@@ -337,6 +348,7 @@ pub fn finish_decode(raw: &RawHeader, payload: Vec<u8>) -> Result<Frame, FrameEr
             seq: u64_at(b, 64),
             offset: u64_at(b, 72),
             length: u32_at(b, 80),
+            commit: u64_at(b, 88),
         },
         payload,
         payload_crc,
@@ -469,9 +481,10 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
+            any::<u64>(),
         )
             .prop_map(
-                |(kind, flags, request_id, vol, g, e, seq, off, len)| Header {
+                |(kind, flags, request_id, vol, g, e, seq, off, len, commit)| Header {
                     kind,
                     flags,
                     request_id,
@@ -481,6 +494,7 @@ mod tests {
                     seq,
                     offset: off,
                     length: len,
+                    commit,
                 },
             )
     }
@@ -556,8 +570,8 @@ mod tests {
         let h = Header::new(MsgKind::Write, 1, VolumeName::new("v").unwrap());
         let mut bytes = encode(&h, b"abc");
         bytes[5] = 0x42;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(b"abc"), &bytes[..88]);
-        bytes[88..92].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(b"abc"), &bytes[..CHECKED_LEN]);
+        bytes[CHECKED_LEN..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode(&bytes).unwrap_err(), FrameError::UnknownKind(0x42));
     }
 

@@ -1106,3 +1106,138 @@ fn the_primary_keeps_serving_across_an_authority_leader_change() -> Result<()> {
     files_equal_blocks(&s1.data_file("vol-m"), &s2.data_file("vol-m"), 0..600)?;
     Ok(())
 }
+
+/// Three replicas: a write that reached one secondary and not the other before the primary
+/// died (never acknowledged) must not leave the survivors different. The new primary
+/// collects the secondaries' unsettled regions and copies them from its own replica before
+/// it serves; the other survivor stays in sync throughout.
+#[test]
+fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_other() -> Result<()> {
+    use replicator::frame::MsgKind;
+    let root = tempfile::tempdir()?;
+    let au = TestAuthority::start();
+    au.create_volume("vol-u", 16 * MIB, &["s1", "s2", "s3"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr_for("s1"), &["vol-u"], &[])?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-u"], &[])?;
+    let s3 = ServerProc::start(
+        "s3",
+        root.path(),
+        &au.addr,
+        &["vol-u"],
+        &["--enable-fault-injection"],
+    )?;
+    wait_in_sync(&au, &s1, "vol-u", &["s2", "s3"])?;
+    let p = pipeline(&au, "vol-u");
+    let w = p.worker(8)?;
+    write_blocks(&w, "vol-u", 0..64, 1)?;
+    // s3's disk fails the next write and s1 cannot tell the authority (cut off from it), so
+    // s3 stays in sync there while lacking a write that s2 applied.
+    http(
+        &s3.admin_addr,
+        "POST",
+        "/fault?volume=vol-u&op=write&errno=5",
+    )?;
+    au.cut("s1", true);
+    let (g, e) = {
+        let i = au.info("vol-u");
+        (i.generation, i.epoch)
+    };
+    let mut raw = RawConn::connect(&s1.data_addr)?;
+    let mut h = header(MsgKind::Write, 1, "vol-u", g, e);
+    h.offset = 5 * BS;
+    h.length = BS as u32;
+    let data = replicator::stamp::stamp_block(
+        &replicator::stamp::Stamp {
+            volume: "vol-u".into(),
+            block: 5,
+            write_id: 2,
+        },
+        BS as usize,
+    );
+    raw.send(&h, &data)?;
+    wait_until("s2 applied the write", T, || {
+        file_stamp(&s2.data_file("vol-u"), "vol-u", 5) == Some(2)
+    })?;
+    s1.kill9();
+    assert_eq!(file_stamp(&s3.data_file("vol-u"), "vol-u", 5), Some(1));
+    assert!(au.in_sync("vol-u", "s2") && au.in_sync("vol-u", "s3"));
+    http(
+        &s3.admin_addr,
+        "POST",
+        "/fault?volume=vol-u&op=write&errno=0",
+    )?;
+
+    // Either survivor may be designated; whichever it is, its copy of block 5 wins.
+    let out = au.failover("vol-u", "test: primary killed")?;
+    let (np, other) = match out.primary.as_str() {
+        "s2" => (&s2, "s3"),
+        "s3" => (&s3, "s2"),
+        x => anyhow::bail!("unexpected primary {x}"),
+    };
+    wait_until("the new primary serves", T, || is_primary(np, "vol-u"))?;
+    assert_eq!(
+        in_sync_peers(np, "vol-u"),
+        [other],
+        "resynced, not degraded: {}",
+        np.log_text()
+    );
+    assert!(
+        np.log_text()
+            .contains("resyncing regions where the surviving replicas may differ"),
+        "{}",
+        np.log_text()
+    );
+    write_blocks(&w, "vol-u", 100..110, 3)?;
+    flush(&w)?;
+    files_equal_blocks(
+        &s2.data_file("vol-u"),
+        &s3.data_file("vol-u"),
+        0..(16 * MIB / BS),
+    )?;
+    let want = file_stamp(&np.data_file("vol-u"), "vol-u", 5);
+    let got = replicator::stamp::parse_stamp(&read_block(&w, 5)?).map(|s| s.write_id);
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// A secondary whose replica is gone (its data directory wiped; a reboot that lost its page
+/// cache is alike) while the authority still lists it in sync is not trusted by the primary
+/// that connects it: it is refused as in sync and rebuilt by a full copy.
+#[test]
+fn a_wiped_secondary_the_authority_calls_in_sync_is_rebuilt_not_trusted() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let au = TestAuthority::start();
+    two_server_volume(&au, "vol-w");
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-w"], &[])?;
+    let mut s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-w"], &[])?;
+    wait_in_sync(&au, &s1, "vol-w", &["s2"])?;
+    let p = pipeline(&au, "vol-w");
+    let w = p.worker(16)?;
+    write_blocks(&w, "vol-w", 0..200, 1)?;
+    flush(&w)?;
+    // s2 becomes primary with no client write of its own, so its activity log (which would
+    // send s1 through a catch-up anyway) is empty when it connects the wiped s1 below.
+    s1.kill9();
+    au.failover("vol-w", "test: primary killed")?;
+    s1.restart()?;
+    wait_in_sync(&au, &s2, "vol-w", &["s1"])?;
+    s2.kill9();
+    s1.kill9();
+    std::fs::remove_dir_all(&s1.dir)?;
+    std::fs::create_dir_all(&s1.dir)?;
+    assert!(au.in_sync("vol-w", "s1"));
+    s1.restart()?;
+    s2.restart()?;
+    wait_until("s2 primary again", T, || is_primary(&s2, "vol-w"))?;
+    wait_in_sync(&au, &s2, "vol-w", &["s1"])?;
+    let peer = &s2.volume_health("vol-w")?["peers"][0];
+    assert_eq!(peer["full_rebuild"], true, "{peer}");
+    for b in 0..200 {
+        assert_eq!(
+            file_stamp(&s1.data_file("vol-w"), "vol-w", b),
+            Some(1),
+            "s1 block {b}"
+        );
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! primary or secondary, and runs the admin (health/metrics) port.
 
 pub mod overlap;
+pub mod unsettled;
 pub mod volume;
 
 use crate::authority::Authority;

@@ -26,14 +26,20 @@ pub struct OverlapQueue {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// By registration order, not seq: a new stream's seqs may repeat an old stream's that
+    /// are still in flight.
     entries: BTreeMap<u64, Entry>,
+    registered: u64,
     last_seq: u64,
+    /// `(generation, epoch)` of the primary whose stream a secondary registers.
+    stream: (u64, u64),
 }
 
 /// A registered operation. Dropping it (or calling `done`) releases later overlapping ones.
 #[derive(Debug)]
 pub struct Ticket {
     seq: u64,
+    id: u64,
     waits: Vec<watch::Receiver<bool>>,
     done: watch::Sender<bool>,
     queue: Arc<OverlapQueue>,
@@ -65,6 +71,8 @@ impl OverlapQueue {
             });
         }
         g.last_seq = seq;
+        g.registered += 1;
+        let id = g.registered;
         let waits = g
             .entries
             .values()
@@ -79,7 +87,7 @@ impl OverlapQueue {
             .collect();
         let (tx, rx) = watch::channel(false);
         g.entries.insert(
-            seq,
+            id,
             Entry {
                 start,
                 end,
@@ -89,6 +97,7 @@ impl OverlapQueue {
         );
         Ok(Ticket {
             seq,
+            id,
             waits,
             done: tx,
             queue: self.clone(),
@@ -100,6 +109,18 @@ impl OverlapQueue {
         self.inner.lock().expect("overlap lock").last_seq = 0;
     }
 
+    /// A secondary is about to register an operation of the stream of primary `fence`: a
+    /// stream other than the last one starts its seqs afresh. (The epoch itself may have
+    /// been learnt earlier, from the authority or a catch-up frame, so a change of stream
+    /// is seen here, not there.)
+    pub fn follow_stream(&self, fence: (u64, u64)) {
+        let mut g = self.inner.lock().expect("overlap lock");
+        if g.stream != fence {
+            g.stream = fence;
+            g.last_seq = 0;
+        }
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.inner.lock().expect("overlap lock").last_seq
     }
@@ -108,12 +129,8 @@ impl OverlapQueue {
         self.inner.lock().expect("overlap lock").entries.len()
     }
 
-    fn remove(&self, seq: u64) {
-        self.inner
-            .lock()
-            .expect("overlap lock")
-            .entries
-            .remove(&seq);
+    fn remove(&self, id: u64) {
+        self.inner.lock().expect("overlap lock").entries.remove(&id);
     }
 }
 
@@ -134,7 +151,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.queue.remove(self.seq);
+        self.queue.remove(self.id);
         let _ = self.done.send(true);
     }
 }
@@ -245,5 +262,25 @@ mod tests {
         );
         q.reset_seq();
         assert!(q.register(1, 10, 1, false).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_new_stream_restarts_seqs_and_still_waits_for_the_old_one() {
+        let q = Arc::new(OverlapQueue::default());
+        q.follow_stream((1, 1));
+        let old = q.register(1, 0, 8, false).unwrap();
+        let _old2 = q.register(7, 100, 8, false).unwrap();
+        q.follow_stream((1, 1));
+        assert!(q.register(3, 200, 8, false).is_err(), "same stream");
+        q.follow_stream((1, 2));
+        // Seq 1 again, over the old seq 1's range: it must wait for it, and releasing one
+        // must not release the other's entry.
+        let mut new = q.register(1, 0, 8, false).unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(20), new.ready())
+            .await
+            .is_err());
+        drop(old);
+        new.ready().await;
+        assert_eq!(q.in_flight(), 2);
     }
 }

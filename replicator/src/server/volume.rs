@@ -4,6 +4,7 @@
 //! primary) its peers. Everything about a volume changes here and nowhere else.
 
 use super::overlap::{OverlapQueue, Ticket};
+use super::unsettled::{self, SettleTracker, UnsettledLog};
 use super::{Fail, ServerCtx};
 use crate::authority::{AuthorityError, VolumeInfo};
 use crate::conn::PeerLink;
@@ -21,6 +22,12 @@ use std::time::{Duration, Instant};
 /// forget it was synced); DONE tells it that it now holds everything (synced at this epoch).
 pub const CATCH_UP_BEGIN: u16 = 1;
 pub const CATCH_UP_DONE: u16 = 2;
+/// A new primary connects a peer that is in sync at the authority: the peer refuses with
+/// `NotInSync` unless its replica is synced, learns the epoch, and answers a
+/// [`ConnectReport`].
+pub const CATCH_UP_CONNECT: u16 = 3;
+/// The new primary copied every region of the report to this peer (see `unsettled`).
+pub const CATCH_UP_RECONCILED: u16 = 4;
 
 /// How many sequence numbers a primary reserves in its metadata at a time.
 const SEQ_CHUNK: u64 = 1 << 20;
@@ -55,6 +62,13 @@ pub struct PeerHello {
     pub followed_epoch: u64,
     pub epoch: u64,
     pub generation: u64,
+}
+
+/// What an in-sync secondary answers a new primary's `CATCH_UP_CONNECT`: the byte ranges
+/// where it may differ from the other replicas (writes its last primaries never settled).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectReport {
+    pub unsettled: Vec<[u64; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +246,10 @@ pub struct VolumeRuntime {
     activity_recent: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Held by a catch-up copy while it writes (see `secondary_apply`).
     copy_write: Arc<Mutex<()>>,
+    /// As primary: the replicated writes not yet on every in-sync peer (see `unsettled`).
+    settling: Mutex<SettleTracker>,
+    /// As secondary: where this replica may differ from the others (see `unsettled`).
+    unsettled: Mutex<UnsettledLog>,
     pub stats: VolumeStats,
 }
 
@@ -268,9 +286,8 @@ impl VolumeRuntime {
         info: VolumeInfo,
     ) -> Result<Arc<Self>, StoreError> {
         let meta = replica.meta();
-        let activity = Arc::new(Mutex::new(
-            replica.open_activity_log(ctx.config.region_size)?,
-        ));
+        let region_size = ctx.config.region_size;
+        let activity = Arc::new(Mutex::new(replica.open_activity_log(region_size)?));
         Ok(Arc::new(Self {
             ctx,
             name: replica.name().clone(),
@@ -294,6 +311,8 @@ impl VolumeRuntime {
             active_writes: Arc::default(),
             activity_recent: Arc::default(),
             copy_write: Arc::default(),
+            settling: Mutex::default(),
+            unsettled: Mutex::new(UnsettledLog::new(region_size)),
             stats: VolumeStats::default(),
         }))
     }
@@ -538,13 +557,34 @@ impl VolumeRuntime {
                 tracing::warn!(volume = %self.name, error = %e, "clearing activity log");
             }
         }
+        // Where the survivors may differ: this replica's own record as a secondary (taken
+        // now: since the epoch was persisted above no older frame is admitted), each peer's,
+        // and whatever this server's bitmaps still hold against an in-sync peer (a previous
+        // term of this server stopped part-way through the same resync).
+        let size = self.replica.size_bytes();
+        let mut unsettled = self.unsettled.lock().expect("unsettled").take(size);
         for p in &peers {
             if p.state() == PeerState::InSync {
-                if let Err(e) = self.connect_in_sync(p, epoch).await {
-                    tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e.message, "in-sync peer unreachable");
-                    let _ = self.peer_failed(p, 0, 0, false, epoch).await;
+                match self.connect_in_sync(p, epoch).await {
+                    Ok(report) => unsettled.extend(report.unsettled),
+                    Err(e) => {
+                        tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e.message, "in-sync peer unreachable");
+                        let _ = self.peer_failed(p, 0, 0, false, epoch).await;
+                    }
                 }
             }
+        }
+        let mut regions = unsettled::regions_of(&unsettled, cfg.region_size);
+        for p in peers.iter().filter(|p| p.state() == PeerState::InSync) {
+            regions.extend(p.bitmap.lock().expect("bitmap").dirty_list());
+        }
+        if let Err(e) = self.reconcile(regions, grant.generation, epoch).await {
+            // Not serving with an in-sync peer that may differ; the role loop tries again
+            // (the regions stay marked in the peers' bitmaps, so the next try finds them).
+            tracing::error!(volume = %self.name, error = %e.message, "resync of the surviving replicas failed");
+            self.step_down("could not resync the surviving replicas");
+            self.activating.store(false, Ordering::SeqCst);
+            return;
         }
         self.activating.store(false, Ordering::SeqCst);
         for p in peers {
@@ -555,18 +595,20 @@ impl VolumeRuntime {
 
     /// Connects an in-sync peer, retrying for a few replicate timeouts (a peer that starts
     /// with this server may still be loading the volume).
-    async fn connect_in_sync(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
+    async fn connect_in_sync(&self, p: &Arc<Peer>, epoch: u64) -> Result<ConnectReport, Fail> {
         let end = Instant::now() + 3 * self.ctx.config.replicate_timeout;
         loop {
             match self.connect_in_sync_once(p, epoch).await {
-                Ok(()) => return Ok(()),
+                Ok(r) => return Ok(r),
+                // Its replica is not synced (new, rebooted, wiped): only a full copy helps.
+                Err(e) if e.code == ErrorCode::NotInSync => return Err(e),
                 Err(e) if Instant::now() >= end => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     }
 
-    async fn connect_in_sync_once(&self, p: &Arc<Peer>, epoch: u64) -> Result<(), Fail> {
+    async fn connect_in_sync_once(&self, p: &Arc<Peer>, epoch: u64) -> Result<ConnectReport, Fail> {
         if p.addr.lock().expect("addr").is_empty() {
             // The role loop is busy activating: look the address up here.
             if let Ok(info) = self
@@ -579,15 +621,132 @@ impl VolumeRuntime {
             }
         }
         let link = self.connect_peer(p).await?;
-        // DONE first: the peer is in sync at this epoch, so this primary's bitmap for it is
-        // from now on what it may lack.
-        let h = self.catch_up_header(CATCH_UP_DONE, &link, epoch);
-        expect_ok(
-            link.call(&h, &[], self.ctx.config.replicate_timeout)
-                .await
-                .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, e.to_string()))?,
-        )?;
+        // CONNECT first: the peer follows this epoch, so this primary's bitmap for it is
+        // from now on what it may lack (besides the regions of its report).
+        let h = self.catch_up_header(CATCH_UP_CONNECT, &link, epoch);
+        let f = link
+            .call(&h, &[], self.ctx.config.replicate_timeout)
+            .await
+            .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, e.to_string()))?;
+        let report = if f.header.kind == MsgKind::Ok {
+            serde_json::from_slice(&f.payload).map_err(|e| {
+                Fail::new(
+                    ErrorCode::ReplicationFailed,
+                    format!("bad connect report: {e}"),
+                )
+            })?
+        } else {
+            return Err(match ErrorBody::decode(&f.payload) {
+                Some(ErrorBody {
+                    code: ErrorCode::NotInSync,
+                    message,
+                }) => Fail::new(ErrorCode::NotInSync, message),
+                _ => expect_ok(f).expect_err("an error answer"),
+            });
+        };
         *p.link.lock().expect("peer link") = Some(Arc::new(link));
+        Ok(report)
+    }
+
+    /// Copies `regions` from this replica to every connected in-sync peer before the first
+    /// client write: a dead primary's unsettled writes may have reached some replicas and not
+    /// others there (see `unsettled`). Runs while activating, so no client write is
+    /// sequenced meanwhile. A peer that fails a copy is marked out of sync as usual; an
+    /// error means a peer could be neither resynced nor marked out of sync.
+    async fn reconcile(
+        &self,
+        regions: std::collections::BTreeSet<u64>,
+        g: u64,
+        epoch: u64,
+    ) -> Result<(), Fail> {
+        let targets: Vec<Arc<Peer>> = self
+            .peers()
+            .into_iter()
+            .filter(|p| p.state() == PeerState::InSync && p.link().is_some())
+            .collect();
+        if regions.is_empty() || targets.is_empty() {
+            return Ok(());
+        }
+        let (rs, size) = (self.ctx.config.region_size, self.replica.size_bytes());
+        let ranges: Vec<(u64, u64)> = regions
+            .iter()
+            .filter(|&&r| r * rs < size)
+            .map(|&r| (r * rs, rs.min(size - r * rs)))
+            .collect();
+        tracing::warn!(volume = %self.name, regions = ranges.len(), peers = targets.len(),
+            "resyncing regions where the surviving replicas may differ");
+        // Marked first, durably: a peer that fails part-way is caught up from its bitmap,
+        // and if this server dies part-way its next term finds the bits.
+        for p in &targets {
+            for &(off, len) in &ranges {
+                p.mark(off, len, false).await?;
+            }
+        }
+        let mut pending = std::collections::VecDeque::new();
+        for &(off, len) in &ranges {
+            let sends = {
+                let mut sq = self.seq.lock().await;
+                let seq = self.next_seq(&mut sq).await?;
+                let mut ticket = self
+                    .overlap
+                    .register(seq, off, len, false)
+                    .map_err(|err| Fail::new(ErrorCode::Invalid, err.to_string()))?;
+                ticket.ready().await;
+                let data = store_op(&self.replica, false, move |rep| {
+                    rep.read_at(off, len as u32)
+                })
+                .await
+                .map_err(store_fail)?;
+                drop(ticket);
+                let mut rh = self.replicate_header(&sq, seq, ReplicaOp::Write, 0, g, epoch);
+                rh.offset = off;
+                rh.length = len as u32;
+                let mut sends = Vec::new();
+                for p in &targets {
+                    let rx = p.link().and_then(|l| {
+                        rh.request_id = l.next_request_id();
+                        l.send(&rh, &data).ok()
+                    });
+                    sends.push((p.clone(), rx));
+                }
+                sends
+            };
+            pending.push_back((off, len, sends));
+            if pending.len() >= CATCH_UP_WINDOW {
+                let (o, l, s) = pending.pop_front().expect("not empty");
+                self.await_peers(s, o, l, false, epoch).await?;
+            }
+        }
+        while let Some((o, l, s)) = pending.pop_front() {
+            self.await_peers(s, o, l, false, epoch).await?;
+        }
+        for p in targets.iter().filter(|p| p.state() == PeerState::InSync) {
+            let Some(link) = p.link() else { continue };
+            let h = self.catch_up_header(CATCH_UP_RECONCILED, &link, epoch);
+            let told = link
+                .call(&h, &[], self.ctx.config.replicate_timeout)
+                .await
+                .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, e.to_string()))
+                .and_then(expect_ok);
+            if let Err(e) = told {
+                // Harmless: the peer keeps its report and gives it to the next primary.
+                tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e.message, "telling a peer it was resynced");
+                continue;
+            }
+            let (bm, regions) = (p.bitmap.clone(), regions.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                let mut b = bm.lock().expect("bitmap");
+                for r in regions {
+                    b.clear_region(r);
+                }
+                b.persist_all()
+            })
+            .await
+            .expect("bitmap task");
+            if let Err(e) = r {
+                tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e, "clearing resynced regions from the bitmap");
+            }
+        }
         Ok(())
     }
 
@@ -747,8 +906,23 @@ impl VolumeRuntime {
         Ok(s)
     }
 
-    fn replicate_header(&self, seq: u64, op: ReplicaOp, flags: u16, g: u64, e: u64) -> Header {
+    /// Called under the sequencer lock (`sq`), right after `seq` was taken, so the commit
+    /// point it carries is below every seq still unsettled at this moment.
+    fn replicate_header(
+        &self,
+        sq: &Sequencer,
+        seq: u64,
+        op: ReplicaOp,
+        flags: u16,
+        g: u64,
+        e: u64,
+    ) -> Header {
         let mut h = Header::new(MsgKind::Replicate, 0, self.name.clone());
+        h.commit = self
+            .settling
+            .lock()
+            .expect("settle tracker")
+            .commit_point(sq.next);
         h.flags = op.to_flags() | flags;
         h.generation = g;
         h.epoch = e;
@@ -808,7 +982,7 @@ impl VolumeRuntime {
         let mut sends = Vec::new();
         let mut missed = Vec::new();
         // `_active` lives until every peer answered: the region stays in the activity log.
-        let (mut ticket, _active) = {
+        let (mut ticket, _active, seq) = {
             let mut sq = self.seq.lock().await;
             if !self.is_primary_at(e) {
                 return Err(Fail::new(ErrorCode::LeaseExpired, "no longer primary"));
@@ -834,7 +1008,10 @@ impl VolumeRuntime {
                 .overlap
                 .register(seq, off, len, false)
                 .map_err(|err| Fail::new(ErrorCode::Invalid, err.to_string()))?;
-            let mut rh = self.replicate_header(seq, op.replica_op(), 0, g, e);
+            if active.is_some() {
+                self.settling.lock().expect("settle tracker").open(seq);
+            }
+            let mut rh = self.replicate_header(&sq, seq, op.replica_op(), 0, g, e);
             rh.offset = off;
             rh.length = len as u32;
             if fua {
@@ -862,7 +1039,7 @@ impl VolumeRuntime {
                     },
                 }
             }
-            (ticket, active)
+            (ticket, active, seq)
         };
         // A peer that is away lacks this write: say so durably before it can be acked.
         for p in &missed {
@@ -889,6 +1066,9 @@ impl VolumeRuntime {
         .await;
         drop(ticket);
         self.await_peers(sends, off, len, false, e).await?;
+        // Only now is the write on every in-sync peer (or the missing one is out of sync at
+        // the authority); a failure above leaves it unsettled for good.
+        self.settling.lock().expect("settle tracker").settle(seq);
         local.map_err(store_fail)?;
         if !self.lease.valid(e) {
             return Err(Fail::new(
@@ -1124,7 +1304,7 @@ impl VolumeRuntime {
                 .overlap
                 .register(seq, 0, 0, true)
                 .map_err(|err| Fail::new(ErrorCode::Invalid, err.to_string()))?;
-            let mut rh = self.replicate_header(seq, ReplicaOp::Flush, 0, g, e);
+            let mut rh = self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, g, e);
             for p in self.peers() {
                 let st = p.state();
                 if st == PeerState::OutOfSync {
@@ -1190,17 +1370,30 @@ impl VolumeRuntime {
                 })
             })
             .map_err(store_fail)?;
-            self.overlap.reset_seq();
             tracing::info!(volume = %self.name, epoch = h.epoch, "following a newer primary");
         }
+        self.overlap.follow_stream(theirs);
         if op != ReplicaOp::Flush {
             self.replica
                 .check_range(h.offset, h.length as u64)
                 .map_err(store_fail)?;
         }
-        self.overlap
+        let ticket = self
+            .overlap
             .register(h.seq, h.offset, h.length as u64, op == ReplicaOp::Flush)
-            .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))
+            .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
+        let len = if op == ReplicaOp::Flush {
+            0
+        } else {
+            h.length as u64
+        };
+        // Recorded at admission, not after the apply: a write this replica then fails to
+        // apply differs from the replicas that did apply it.
+        self.unsettled
+            .lock()
+            .expect("unsettled")
+            .admit(theirs, h.seq, h.commit, h.offset, len);
+        Ok(ticket)
     }
 
     pub async fn secondary_apply(
@@ -1294,15 +1487,38 @@ impl VolumeRuntime {
                 return Err(Fail::new(ErrorCode::Invalid, "catch-up sent to a primary"));
             }
         }
+        let size = self.replica.size_bytes();
+        match h.flags {
+            CATCH_UP_CONNECT if !self.replica.meta().synced => {
+                return Err(Fail::new(
+                    ErrorCode::NotInSync,
+                    "this replica is not synced (new, after a reboot, or part-way through a \
+                     rebuild): it needs a full copy",
+                ))
+            }
+            CATCH_UP_RECONCILED => {
+                self.unsettled.lock().expect("unsettled").reconciled();
+                return Ok(Vec::new());
+            }
+            _ => {}
+        }
+        // A primary that has not resynced an earlier primary's unsettled regions of this
+        // replica may lack them in its bitmap: only a full copy is safe then. (A catch-up of
+        // this epoch that was under way already made that choice, so it may resume.)
+        let unreconciled = self
+            .unsettled
+            .lock()
+            .expect("unsettled")
+            .unreconciled_for(theirs);
         let rep = self.replica.clone();
         let flags = h.flags;
         let (g, e) = theirs;
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             let before = rep.meta();
             match flags {
                 CATCH_UP_BEGIN => {
-                    let resumable =
-                        (before.synced && before.followed_epoch == e) || before.partial_epoch == e;
+                    let resumable = (!unreconciled && before.synced && before.followed_epoch == e)
+                        || before.partial_epoch == e;
                     rep.update_meta(|m| {
                         m.synced = false;
                         m.partial_epoch = e;
@@ -1330,12 +1546,38 @@ impl VolumeRuntime {
                     })?;
                     Ok(Vec::new())
                 }
+                CATCH_UP_CONNECT => {
+                    // Synced already (checked above); what it applied becomes durable before
+                    // it records that it follows the new epoch.
+                    rep.sync()?;
+                    rep.update_meta(|m| {
+                        m.followed_epoch = e;
+                        m.generation = g;
+                        m.epoch = e;
+                    })?;
+                    Ok(Vec::new())
+                }
                 _ => Ok(Vec::new()),
             }
         })
         .await
         .expect("store task")
-        .map_err(store_fail)
+        .map_err(store_fail)?;
+        match flags {
+            // The epoch is persisted: no frame of an older primary is admitted after this, so
+            // the report misses none of them.
+            CATCH_UP_CONNECT => Ok(serde_json::to_vec(&ConnectReport {
+                unsettled: self.unsettled.lock().expect("unsettled").ranges(size),
+            })
+            .expect("report serializes")),
+            // A finished catch-up copied everything the primary knew this replica lacked;
+            // with unsettled regions left that was a full copy (BEGIN above).
+            CATCH_UP_DONE => {
+                self.unsettled.lock().expect("unsettled").reconciled();
+                Ok(r)
+            }
+            _ => Ok(r),
+        }
     }
 
     // ---- takeover ----------------------------------------------------------------------
@@ -1552,7 +1794,7 @@ impl VolumeRuntime {
                     p.bitmap.lock().expect("bitmap").clear_region(region);
                     let (g, _) = self.fence();
                     let mut rh =
-                        self.replicate_header(seq, ReplicaOp::Write, FLAG_CATCH_UP, g, epoch);
+                        self.replicate_header(&sq, seq, ReplicaOp::Write, FLAG_CATCH_UP, g, epoch);
                     rh.offset = off;
                     rh.length = len as u32;
                     rh.request_id = link.next_request_id();
@@ -1610,7 +1852,8 @@ impl VolumeRuntime {
         let rx = {
             let mut sq = self.seq.lock().await;
             let seq = self.next_seq(&mut sq).await?;
-            let mut rh = self.replicate_header(seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
+            let mut rh =
+                self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
             rh.request_id = link.next_request_id();
             link.send(&rh, &[])
         };
@@ -1638,7 +1881,8 @@ impl VolumeRuntime {
                 ));
             }
             p.set_state(PeerState::InSync);
-            let mut rh = self.replicate_header(seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
+            let mut rh =
+                self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
             rh.request_id = link.next_request_id();
             link.send(&rh, &[])
         };
