@@ -11,6 +11,7 @@ pub mod health;
 pub mod local_site;
 pub mod peer_auth;
 pub mod pipeline;
+pub mod secret_file;
 pub mod server;
 pub mod stamp;
 pub mod store;

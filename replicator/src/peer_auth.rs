@@ -21,8 +21,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -41,15 +41,13 @@ pub const AUTH_PROOF: u16 = 2;
 pub enum AuthError {
     #[error("peer key: expected {KEY_LEN} bytes ({} hex digits), got {got} bytes", KEY_LEN * 2)]
     BadLength { got: usize },
-    #[error("peer key file {path} is not hex: {reason}")]
-    NotHex { path: String, reason: String },
+    #[error("peer key: {0}")]
+    File(#[from] crate::secret_file::SecretFileError),
     #[error("peer key file {path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
     },
-    #[error("peer key file {path} is accessible by group or others (mode {mode:o}); chmod 600 it")]
-    LoosePermissions { path: String, mode: u32 },
     #[error("no randomness from the OS for a nonce: {0}")]
     Random(String),
 }
@@ -82,28 +80,7 @@ impl PeerKey {
     /// Reads a key file: the key as hex (whitespace ignored), readable by its owner only (as
     /// a volume key file).
     pub fn from_key_file(path: &Path) -> Result<Self, AuthError> {
-        let p = path.display().to_string();
-        let io = |source| AuthError::Io {
-            path: p.clone(),
-            source,
-        };
-        let mut f = fs::File::open(path).map_err(io)?;
-        let mode = f.metadata().map_err(io)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(AuthError::LoosePermissions { path: p, mode });
-        }
-        let mut text = Zeroizing::new(String::new());
-        f.read_to_string(&mut text).map_err(io)?;
-        let digits: Zeroizing<String> =
-            Zeroizing::new(text.chars().filter(|c| !c.is_whitespace()).collect());
-        let bytes =
-            Zeroizing::new(
-                hex::decode(digits.as_bytes()).map_err(|e| AuthError::NotHex {
-                    path: p.clone(),
-                    reason: e.to_string(),
-                })?,
-            );
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&crate::secret_file::read_hex(path)?)
     }
 
     /// Writes the key as hex into a new file of mode 0600 (refuses to overwrite one).
@@ -171,6 +148,8 @@ pub fn nonce() -> Result<[u8; NONCE_LEN], AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret_file::SecretFileError;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn tags_bind_key_role_and_both_nonces() {
@@ -213,7 +192,10 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         assert!(matches!(
             PeerKey::from_key_file(&path),
-            Err(AuthError::LoosePermissions { mode: 0o640, .. })
+            Err(AuthError::File(SecretFileError::LoosePermissions {
+                mode: 0o640,
+                ..
+            }))
         ));
         let short = dir.path().join("short.key");
         fs::write(&short, "abcd\n").unwrap();
@@ -225,7 +207,7 @@ mod tests {
         fs::write(&short, "zz".repeat(32)).unwrap();
         assert!(matches!(
             PeerKey::from_key_file(&short),
-            Err(AuthError::NotHex { .. })
+            Err(AuthError::File(SecretFileError::NotHex { .. }))
         ));
         assert_eq!(format!("{k:?}"), "PeerKey(..)");
     }

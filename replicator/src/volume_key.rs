@@ -10,15 +10,11 @@
 //! soon as the schedules exist. `Debug` prints the key's name and check value, never the key.
 
 use std::fmt;
-use std::fs;
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
-use zeroize::Zeroizing;
 
 /// XTS works on 512-byte sectors here: the tweak is the 512-byte LBA that virtio-blk names,
 /// whatever the device's logical block size, so a request's offset alone fixes its tweaks.
@@ -37,19 +33,10 @@ pub enum KeyError {
     BadLength { name: String, got: usize },
     #[error("key {name}: the two XTS halves are equal (IEEE 1619 requires distinct keys)")]
     EqualHalves { name: String },
-    #[error("key {name}: key file is not hex: {reason}")]
-    NotHex { name: String, reason: String },
-    #[error("key {name}: cannot read key file {path}: {source}")]
-    Read {
+    #[error("key {name}: {source}")]
+    File {
         name: String,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("key {name}: key file {path} is accessible by group or others (mode {mode:o}); chmod 600 it")]
-    LoosePermissions {
-        name: String,
-        path: String,
-        mode: u32,
+        source: crate::secret_file::SecretFileError,
     },
     #[error("buffer of {len} bytes is not a whole number of {SECTOR_SIZE}-byte sectors")]
     Unaligned { len: usize },
@@ -121,31 +108,10 @@ impl VolumeKey {
     /// Reads a key file holding the key as hex (whitespace ignored), as SPDK's file keyring
     /// does: the file must not be readable by group or others.
     pub fn from_key_file(name: &str, path: &Path) -> Result<Self, KeyError> {
-        let read_err = |source| KeyError::Read {
+        let bytes = crate::secret_file::read_hex(path).map_err(|source| KeyError::File {
             name: name.to_owned(),
-            path: path.display().to_string(),
             source,
-        };
-        let mut file = fs::File::open(path).map_err(read_err)?;
-        let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::LoosePermissions {
-                name: name.to_owned(),
-                path: path.display().to_string(),
-                mode,
-            });
-        }
-        let mut text = Zeroizing::new(String::new());
-        file.read_to_string(&mut text).map_err(read_err)?;
-        let digits: Zeroizing<String> =
-            Zeroizing::new(text.chars().filter(|c| !c.is_whitespace()).collect());
-        let bytes =
-            Zeroizing::new(
-                hex::decode(digits.as_bytes()).map_err(|e| KeyError::NotHex {
-                    name: name.to_owned(),
-                    reason: e.to_string(),
-                })?,
-            );
+        })?;
         Self::from_bytes(name, &bytes)
     }
 
@@ -228,8 +194,11 @@ impl fmt::Debug for VolumeKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret_file::SecretFileError;
     use proptest::prelude::*;
+    use std::fs;
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
 
     fn key_bytes(seed: u8) -> Vec<u8> {
         (0..KEY_LEN as u8)
@@ -337,7 +306,10 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             VolumeKey::from_key_file("k", &path),
-            Err(KeyError::LoosePermissions { mode: 0o644, .. })
+            Err(KeyError::File {
+                source: SecretFileError::LoosePermissions { mode: 0o644, .. },
+                ..
+            })
         ));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         let from_file = VolumeKey::from_key_file("k", &path).unwrap();
@@ -349,11 +321,17 @@ mod tests {
         fs::write(&path, "not hex at all").unwrap();
         assert!(matches!(
             VolumeKey::from_key_file("k", &path),
-            Err(KeyError::NotHex { .. })
+            Err(KeyError::File {
+                source: SecretFileError::NotHex { .. },
+                ..
+            })
         ));
         assert!(matches!(
             VolumeKey::from_key_file("k", &dir.path().join("missing")),
-            Err(KeyError::Read { .. })
+            Err(KeyError::File {
+                source: SecretFileError::Read { .. },
+                ..
+            })
         ));
     }
 

@@ -142,7 +142,10 @@ mod tests {
         let loose = key_file(d.path(), "loose", 2, 0o644);
         assert!(matches!(
             k.add_file_key("a", &loose),
-            Err(KeyringError::Key(KeyError::LoosePermissions { .. }))
+            Err(KeyringError::Key(KeyError::File {
+                source: replicator::secret_file::SecretFileError::LoosePermissions { .. },
+                ..
+            }))
         ));
         assert!(matches!(
             k.add_file_key("b", Path::new("relative/key")),
