@@ -57,6 +57,10 @@ pub struct LocalSiteArgs {
     /// The authority's lease (a failover waits about this long).
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
+    /// The site's shared key (`replicator peer-key --out F`): every server's data port then
+    /// requires it, and the printed client commands pass it.
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -426,6 +430,16 @@ fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
         ServerCommand::current_exe_serve()?,
     );
     opts.lease_ms = a.lease_ms;
+    let key_flag = match &a.peer_key_file {
+        Some(f) => {
+            // Checked here, so a bad file is one clear error rather than two servers failing.
+            load_peer_key(Some(f))?;
+            let f = f.canonicalize()?;
+            opts.server_args = vec!["--peer-key-file".into(), f.display().to_string()];
+            format!(" --peer-key-file {}", f.display())
+        }
+        None => String::new(),
+    };
     eprintln!(
         "starting an authority and servers s1, s2 under {} ...",
         a.dir.display()
@@ -434,7 +448,7 @@ fn local_site(a: LocalSiteArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let exe = exe.display();
     let c = format!(
-        "{exe} client --authority {} --site {} --volume {}",
+        "{exe} client --authority {} --site {} --volume {}{key_flag}",
         site.authority_addr, site.opts.site, site.opts.volume
     );
     println!(

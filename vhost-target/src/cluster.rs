@@ -68,6 +68,17 @@ fn ensure_key(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The site's shared peer key; an existing file is kept (the servers of a restarted cluster
+/// and its target must agree on it).
+fn ensure_peer_key(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    replicator::peer_auth::PeerKey::generate()
+        .and_then(|k| k.write_key_file(path))
+        .with_context(|| format!("creating peer key file {}", path.display()))
+}
+
 impl LocalCluster {
     pub fn start(o: &ClusterOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
@@ -81,6 +92,13 @@ impl LocalCluster {
             },
         );
         site_opts.lease_ms = o.lease_ms;
+        let keys = dir.join("keys");
+        std::fs::create_dir_all(&keys)?;
+        // Every server and the target are this cluster's own, so the data ports authenticate
+        // their peers from the start (docs/replication.md, Status 4).
+        let peer_key = keys.join("peer.key");
+        ensure_peer_key(&peer_key)?;
+        site_opts.server_args = vec!["--peer-key-file".into(), peer_key.display().to_string()];
         let site = LocalSite::start(&dir.join("site"), site_opts)?;
 
         // The device (tier 1) whose authoritative volume the target attaches.
@@ -101,8 +119,6 @@ impl LocalCluster {
         }
         drop(rt);
 
-        let keys = dir.join("keys");
-        std::fs::create_dir_all(&keys)?;
         let key = keys.join(format!("{}.key", o.volume));
         ensure_key(&key)?;
 
@@ -123,7 +139,7 @@ impl LocalCluster {
             call(
                 "bdev_replicated_create",
                 json!({"name": BDEV, "authority": site.authority_addr, "device": device,
-                       "key_name": format!("{}-key", o.volume)}),
+                       "key_name": format!("{}-key", o.volume), "peer_key_file": peer_key}),
             )?;
             call(
                 "vhost_create_blk_controller",

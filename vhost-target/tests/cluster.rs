@@ -60,6 +60,25 @@ fn cluster_serves_a_replicated_disk_survives_a_primary_kill_and_stops_cleanly() 
         .expect("how to kill the primary")
         .parse()
         .unwrap();
+    // The cluster's own servers require the site's peer key on their data ports.
+    for health in text
+        .lines()
+        .filter_map(|l| l.split("health http://").nth(1))
+        .filter_map(|r| r.split('/').next())
+    {
+        let mut c = std::net::TcpStream::connect(health).unwrap();
+        use std::io::Write;
+        write!(
+            c,
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut c, &mut body).unwrap();
+        let json = body.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["authenticates"], true, "{body}");
+    }
     // Keep the pipe drained so the cluster never blocks on stdout.
     std::thread::spawn(move || for _ in out.lines() {});
 

@@ -522,3 +522,63 @@ fn multi_attach_one_sided_cut_causes_no_failover_and_a_real_death_causes_one() {
     }
     println!("multi-attach: B wrote {b_writes} blocks during A's cut; A's write waited {a_wait:?}");
 }
+
+/// Servers that authenticate their peers (`--peer-key-file`): the bdev attaches with the
+/// site's key, and without it (or with a relative path, or another key) creation fails with
+/// a clear error while the target keeps serving.
+#[test]
+fn a_bdev_attaches_to_authenticating_servers_only_with_the_sites_peer_key() {
+    let root = tempfile::tempdir().unwrap();
+    let au = TestAuthority::start();
+    let peer_key = root.path().join("peer.key");
+    let other_key = root.path().join("other.key");
+    for f in [&peer_key, &other_key] {
+        let k = replicator::peer_auth::PeerKey::generate().unwrap();
+        k.write_key_file(f).unwrap();
+    }
+    let flag = ["--peer-key-file", peer_key.to_str().unwrap()];
+    au.create_volume("vol-a", 64 * MIB, &["s1", "s2"]);
+    let s1 = ServerProc::start("s1", root.path(), &au.addr, &["vol-a"], &flag).unwrap();
+    let _s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-a"], &flag).unwrap();
+    wait_in_sync(&au, &s1, "vol-a", &["s2"]).unwrap();
+
+    let t = Target::start();
+    let k = key_file(t.dir.path(), "k", 3);
+    t.call("keyring_file_add_key", json!({"name": "k", "path": k}));
+    let with = |name: &str, peer: Option<&Path>| {
+        let mut p = replicated_params(&au, name, "vol-a", "k");
+        p["io_timeout_ms"] = json!(3000);
+        if let Some(f) = peer {
+            p["peer_key_file"] = json!(f);
+        }
+        p
+    };
+    let e = t.try_call("bdev_replicated_create", with("Rep0", None));
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("Unauthenticated"), "{e}");
+    let e = t.try_call(
+        "bdev_replicated_create",
+        with("Rep0", Some(Path::new("peer.key"))),
+    );
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("not an absolute path"), "{e}");
+    let e = t.try_call("bdev_replicated_create", with("Rep0", Some(&other_key)));
+    assert!(e["error"]["code"].as_i64().is_some(), "{e}");
+    assert!(s1.health().unwrap()["auth_failures"].as_u64().unwrap() >= 2);
+
+    t.call("bdev_replicated_create", with("Rep0", Some(&peer_key)));
+    let b = &t.call("bdev_get_bdevs", json!({"name": "Rep0"}))[0];
+    assert_eq!(
+        b["driver_specific"]["replicated"]["authenticates"], true,
+        "{b}"
+    );
+    let sock = t.controller("vhost.a", "Rep0", json!({}));
+    let mut s = session(&sock);
+    let data = pattern(64 * 1024, 5);
+    s.write(MIB, &data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read(MIB, &mut back).unwrap();
+    assert_eq!(back, data);
+    let saved = t.call("save_config", json!({})).to_string();
+    assert!(saved.contains(peer_key.to_str().unwrap()), "{saved}");
+}

@@ -337,6 +337,8 @@ struct ReplicatedCreateParams {
     uuid: Option<String>,
     io_timeout_ms: Option<u64>,
     takeover_after_ms: Option<u64>,
+    /// The site's shared key file (absolute path), when its servers authenticate peers.
+    peer_key_file: Option<std::path::PathBuf>,
 }
 
 fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
@@ -375,6 +377,7 @@ fn bdev_replicated_create(t: &mut Target, p: Value) -> Result<Value, RpcError> {
             "takeover_after_ms",
         )?,
         cut_servers: None,
+        peer_key_file: p.peer_key_file,
     };
     Ok(json!(t.create_replicated_bdev(opts)?))
 }

@@ -52,6 +52,9 @@ pub struct ReplicatedOptions {
     pub takeover_after: Duration,
     /// Set when the daemon serves fault injection (`--enable-fault-injection`).
     pub cut_servers: Option<replicator::pipeline::CutServers>,
+    /// The site's shared key file (absolute path, hex, mode 0600), when its servers require
+    /// authentication (`replicator serve --peer-key-file`; docs/replication.md, Status 4).
+    pub peer_key_file: Option<std::path::PathBuf>,
 }
 
 impl ReplicatedOptions {
@@ -141,6 +144,21 @@ impl ReplicatedBdev {
             )));
         }
         let num_blocks = (vol.size_bytes - LABEL_BYTES) / u64::from(vol.block_size);
+        let peer_key = match &opts.peer_key_file {
+            None => None,
+            // The daemon's working directory is nobody's business: a relative path in a saved
+            // config would name another file after a restart elsewhere.
+            Some(p) if !p.is_absolute() => {
+                return Err(BdevError::InvalidParam(format!(
+                    "peer_key_file {} is not an absolute path",
+                    p.display()
+                )))
+            }
+            Some(p) => Some(
+                replicator::peer_auth::PeerKey::from_key_file(p)
+                    .map_err(|e| BdevError::InvalidParam(format!("peer_key_file: {e}")))?,
+            ),
+        };
 
         let authority: Arc<dyn Authority> = Arc::new(ClientAuthority::new(
             opts.authority.clone(),
@@ -150,6 +168,7 @@ impl ReplicatedBdev {
         cfg.request_timeout = opts.io_timeout;
         cfg.takeover_after = Some(opts.takeover_after);
         cfg.cut_servers = opts.cut_servers.clone();
+        cfg.peer_key = peer_key;
         let pipeline = ReplicationPipeline::start(cfg).map_err(channel_err)?;
         let formatted = Self::check_label(&pipeline, &opts, &key)?;
 
@@ -270,6 +289,7 @@ impl Bdev for ReplicatedBdev {
                 "volume": self.opts.volume,
                 "authority": self.opts.authority,
                 "key_name": self.opts.key_name,
+                "authenticates": self.opts.peer_key_file.is_some(),
                 "primary": s.primary,
                 "primary_addr": s.primary_addr,
                 "generation": s.generation,
@@ -309,6 +329,7 @@ impl Bdev for ReplicatedBdev {
             "uuid": self.info.uuid.to_string(),
             "io_timeout_ms": self.opts.io_timeout.as_millis() as u64,
             "takeover_after_ms": self.opts.takeover_after.as_millis() as u64,
+            "peer_key_file": self.opts.peer_key_file,
         })
     }
 }
