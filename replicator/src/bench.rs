@@ -347,15 +347,25 @@ fn replicated_throughput(
 struct Latency {
     p50_us: f64,
     p99_us: f64,
+    max_us: f64,
     n: usize,
 }
 
 fn percentiles(mut v: Vec<Duration>) -> Latency {
+    if v.is_empty() {
+        return Latency {
+            p50_us: f64::NAN,
+            p99_us: f64::NAN,
+            max_us: f64::NAN,
+            n: 0,
+        };
+    }
     v.sort();
     let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
     Latency {
         p50_us: at(0.50),
         p99_us: at(0.99),
+        max_us: at(1.0),
         n: v.len(),
     }
 }
@@ -381,12 +391,22 @@ fn replicated_latency(
     secs: f64,
     adaptive: bool,
 ) -> anyhow::Result<Latency> {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    qd1_writes(w, size, adaptive, || Instant::now() >= end)
+}
+
+/// QD1 random 4 KiB writes through `w` until `stop` says so.
+fn qd1_writes(
+    w: &PipelineWorker,
+    size: u64,
+    adaptive: bool,
+    stop: impl Fn() -> bool,
+) -> anyhow::Result<Latency> {
     let mut rng = Rng(0x0FED_CBA9_8765_4321);
     let buf = vec![0x3Cu8; BS as usize];
-    let end = Instant::now() + Duration::from_secs_f64(secs);
     let mut lat = Vec::new();
     let mut done = 0;
-    while Instant::now() < end {
+    while !stop() {
         let off = (rng.next() % (size / BS)) * BS;
         let t = Instant::now();
         if w.submit(write_req(done, off, &buf)).is_err() {
@@ -552,6 +572,8 @@ struct Round {
     rebuild_mb: f64,
     rebuild_secs: f64,
     rebuild_copy_secs: f64,
+    /// QD1 writes of a client during the rebuild.
+    rebuild_qd1: Latency,
     disk_mbps: f64,
     store_copy_mbps: f64,
 }
@@ -697,6 +719,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             (f64::NAN, f64::NAN, f64::NAN);
         let (mut rebuild_mb, mut rebuild_secs, mut rebuild_copy_secs) =
             (f64::NAN, f64::NAN, f64::NAN);
+        let mut rebuild_qd1 = percentiles(Vec::new());
         if !a.skip_copy {
             // Catch-up: the secondary misses `catchup_mib` of writes, then comes back.
             site.kill9(&secondary)?;
@@ -724,9 +747,21 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(&sdir)?;
             let t0 = Instant::now();
             site.restart(&secondary)?;
+            // A client keeps writing during the rebuild: what the copy costs it.
+            let copying = std::sync::atomic::AtomicBool::new(true);
+            let (copy, during) = std::thread::scope(|sc| {
+                let writer = sc.spawn(|| {
+                    qd1_writes(&w1, size, adaptive, || {
+                        !copying.load(std::sync::atomic::Ordering::Relaxed)
+                    })
+                });
+                let copy = await_copy(&site, &primary, &secondary, t0);
+                copying.store(false, std::sync::atomic::Ordering::Relaxed);
+                (copy, writer.join().expect("writer thread"))
+            });
             let regions;
-            (rebuild_secs, rebuild_copy_secs, regions) =
-                await_copy(&site, &primary, &secondary, t0)?;
+            (rebuild_secs, rebuild_copy_secs, regions) = copy?;
+            rebuild_qd1 = during?;
             rebuild_mb = (regions * MIB) as f64 / 1e6;
             site.wait_in_sync(Duration::from_secs(60))?;
         }
@@ -757,13 +792,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             rebuild_mb,
             rebuild_secs,
             rebuild_copy_secs,
+            rebuild_qd1,
         };
         eprintln!(
             "round {}: 4k store {:.0} one server {:.0} repl {:.0} IOPS ({:.2}x); \
              128k store {:.0} one server {:.0} repl {:.0} MB/s ({:.2}x); \
              QD1 p50 store {:.1} one server {:.1} repl {:.1} us, rtt {:.1} us; \
-             catch-up {:.0} MB/s, rebuild {:.0} MB/s, new file {:.0} MB/s, \
-             store copy {:.0} MB/s",
+             catch-up {:.0} MB/s, rebuild {:.0} MB/s (client QD1 meanwhile p50 {:.0} \
+             p99 {:.0} max {:.0} us), new file {:.0} MB/s, store copy {:.0} MB/s",
             r + 1,
             rd.local_4k.iops(),
             rd.single_4k.iops(),
@@ -779,6 +815,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             rd.rtt.p50_us,
             rd.catchup_mb / rd.catchup_copy_secs,
             rd.rebuild_mb / rd.rebuild_copy_secs,
+            rd.rebuild_qd1.p50_us,
+            rd.rebuild_qd1.p99_us,
+            rd.rebuild_qd1.max_us,
             rd.disk_mbps,
             rd.store_copy_mbps,
         );
@@ -957,11 +996,11 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
         "\nQD1 samples per round: store {}, one server {}, replicated {}.\n",
         rounds[0].local_qd1.n, rounds[0].single_qd1.n, rounds[0].repl_qd1.n
     );
-    println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s | new file MB/s | store copy MB/s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | catch-up MB | copy s | catch-up MB/s (copy) | restart-to-in-sync s | rebuild MB | copy s | rebuild MB/s (copy) | restart-to-in-sync s | client QD1 during rebuild p50/p99/max us | new file MB/s | store copy MB/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, r) in rounds.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} |",
             i + 1,
             r.catchup_mb,
             r.catchup_copy_secs,
@@ -971,14 +1010,20 @@ fn report(rounds: &[Round], a: &BenchArgs, threads: usize, cores: usize) {
             r.rebuild_copy_secs,
             r.rebuild_mb / r.rebuild_copy_secs,
             r.rebuild_secs,
+            r.rebuild_qd1.p50_us,
+            r.rebuild_qd1.p99_us,
+            r.rebuild_qd1.max_us,
             r.disk_mbps,
             r.store_copy_mbps,
         );
     }
     println!(
-        "| median | | | {:.0} | | | | {:.0} | | {:.0} | {:.0} |",
+        "| median | | | {:.0} | | | | {:.0} | | {:.0} / {:.0} / {:.0} | {:.0} | {:.0} |",
         m(&|r| r.catchup_mb / r.catchup_copy_secs),
         m(&|r| r.rebuild_mb / r.rebuild_copy_secs),
+        m(&|r| r.rebuild_qd1.p50_us),
+        m(&|r| r.rebuild_qd1.p99_us),
+        m(&|r| r.rebuild_qd1.max_us),
         m(&|r| r.disk_mbps),
         m(&|r| r.store_copy_mbps),
     );
