@@ -84,10 +84,89 @@ struct SinkShared {
 
 #[derive(Debug, Default)]
 struct SinkState {
+    /// Encoded frames the writer may send: everything before the first unfilled slot.
     buf: Vec<u8>,
     frames: usize,
+    /// While a slot is unfilled: the slots and the frames queued behind it, in call order.
+    behind: std::collections::VecDeque<Behind>,
+    next_slot: u64,
     /// The writer failed (no more frames can leave), or every sender is gone.
     closed: bool,
+}
+
+#[derive(Debug)]
+enum Behind {
+    Slot { id: u64, frame: Option<Vec<u8>> },
+    Frames { bytes: Vec<u8>, count: usize },
+}
+
+impl SinkState {
+    /// Moves the filled slots and frames at the front of `behind` to `buf`; returns how many
+    /// frames became sendable.
+    fn release(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            match self.behind.front_mut() {
+                Some(Behind::Slot { frame: None, .. }) | None => return n,
+                Some(Behind::Slot { frame: Some(f), .. }) => {
+                    self.buf.extend_from_slice(f);
+                    n += 1;
+                }
+                Some(Behind::Frames { bytes, count }) => {
+                    self.buf.extend_from_slice(bytes);
+                    n += *count;
+                }
+            }
+            self.behind.pop_front();
+        }
+    }
+}
+
+/// A place in a connection's frame order, taken now and filled later ([`FrameSink::reserve`]):
+/// frames queued after it wait until it is filled. Dropped unfilled, it closes the sink (the
+/// frames behind it can no longer leave in order).
+#[derive(Debug)]
+pub struct FrameSlot {
+    shared: Arc<SinkShared>,
+    id: u64,
+    filled: bool,
+}
+
+impl FrameSlot {
+    /// Puts the frame in its place; it leaves with whatever was queued behind it up to the
+    /// next unfilled slot.
+    pub fn fill(mut self, header: &Header, payload: &[u8]) -> Result<(), SinkClosed> {
+        self.filled = true;
+        let mut f = Vec::with_capacity(HEADER_LEN + payload.len());
+        frame::encode_into(header, payload, &mut f);
+        let wake = {
+            let mut st = self.shared.state.lock().expect("sink lock");
+            if st.closed {
+                return Err(SinkClosed);
+            }
+            let slot = st.behind.iter_mut().find_map(|b| match b {
+                Behind::Slot { id, frame } if *id == self.id => Some(frame),
+                _ => None,
+            });
+            *slot.expect("an unfilled slot is queued") = Some(f);
+            let before = st.frames;
+            st.frames += st.release();
+            before == 0 && st.frames > 0
+        };
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FrameSlot {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.shared.state.lock().expect("sink lock").closed = true;
+            self.shared.wake.notify_one();
+        }
+    }
 }
 
 /// The connection's writer is gone (its socket failed or was shut down).
@@ -121,11 +200,43 @@ impl FrameSink {
         self.push(|buf| buf.extend_from_slice(bytes))
     }
 
+    /// Takes the next place in the frame order for a frame that is not ready yet (a catch-up
+    /// copy whose region is still being read: see `VolumeRuntime::catch_up`).
+    pub fn reserve(&self) -> Result<FrameSlot, SinkClosed> {
+        let mut st = self.shared.state.lock().expect("sink lock");
+        if st.closed {
+            return Err(SinkClosed);
+        }
+        st.next_slot += 1;
+        let id = st.next_slot;
+        st.behind.push_back(Behind::Slot { id, frame: None });
+        Ok(FrameSlot {
+            shared: self.shared.clone(),
+            id,
+            filled: false,
+        })
+    }
+
     fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), SinkClosed> {
         let first = {
             let mut st = self.shared.state.lock().expect("sink lock");
             if st.closed {
                 return Err(SinkClosed);
+            }
+            if !st.behind.is_empty() {
+                // Behind an unfilled slot: kept in order until it is filled.
+                match st.behind.back_mut() {
+                    Some(Behind::Frames { bytes, count }) => {
+                        encode(bytes);
+                        *count += 1;
+                    }
+                    _ => {
+                        let mut bytes = Vec::new();
+                        encode(&mut bytes);
+                        st.behind.push_back(Behind::Frames { bytes, count: 1 });
+                    }
+                }
+                return Ok(());
             }
             encode(&mut st.buf);
             st.frames += 1;
@@ -204,6 +315,7 @@ pub fn spawn_writer(w: OwnedWriteHalf) -> FrameSink {
                 let mut st = s.state.lock().expect("sink lock");
                 st.closed = true;
                 st.buf = Vec::new();
+                st.behind.clear();
                 return;
             }
             out.clear();
@@ -412,6 +524,28 @@ impl PeerLink {
         Ok(r)
     }
 
+    /// Takes the next place in this link's frame order for request `request_id`, to be filled
+    /// later ([`FrameSlot::fill`]); returns the slot and the receiver of its answer. Frames
+    /// sent meanwhile leave after it.
+    pub fn reserve(
+        &self,
+        request_id: u64,
+    ) -> Result<(FrameSlot, oneshot::Receiver<Result<Frame, LinkError>>), LinkError> {
+        let (s, r) = oneshot::channel();
+        {
+            let mut g = self.pending.lock().expect("pending lock");
+            if g.closed {
+                return Err(LinkError::Closed(self.addr.clone()));
+            }
+            g.waiters.insert(request_id, Waiter::Once(s));
+        }
+        let slot = self
+            .tx
+            .reserve()
+            .map_err(|_| LinkError::Closed(self.addr.clone()))?;
+        Ok((slot, r))
+    }
+
     /// Queues a request whose answer goes to the link's event channel.
     pub fn send_evented(&self, header: &Header, payload: &[u8]) -> Result<(), LinkError> {
         self.enqueue(header, payload, crc32c::crc32c(payload), Waiter::Events)
@@ -553,5 +687,48 @@ mod tests {
             "frames to a closed peer were still accepted after 1 s"
         );
         assert!(sink.is_closed());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_behind_a_slot_wait_for_it_and_slots_keep_their_place() {
+        let (a, b) = pair().await;
+        let (_r, w) = a.into_split();
+        let sink = spawn_writer(w);
+        let vol = VolumeName::new("v").unwrap();
+        let h = |i: u64| Header::new(MsgKind::Write, i, vol.clone());
+        sink.send(&h(1), b"one").unwrap();
+        let s2 = sink.reserve().unwrap();
+        sink.send(&h(3), b"three").unwrap();
+        let s4 = sink.reserve().unwrap();
+        sink.send(&h(5), b"five").unwrap();
+        let (r, _w) = b.into_split();
+        let mut r = frame_reader(r);
+        assert_eq!(
+            read_frame(&mut r).await.unwrap().unwrap().header.request_id,
+            1
+        );
+        // Filled out of order: nothing behind the first slot may leave before it.
+        s4.fill(&h(4), b"four").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), read_frame(&mut r))
+                .await
+                .is_err(),
+            "a frame left ahead of an unfilled slot"
+        );
+        s2.fill(&h(2), b"two").unwrap();
+        for i in 2..=5 {
+            assert_eq!(
+                read_frame(&mut r).await.unwrap().unwrap().header.request_id,
+                i
+            );
+        }
+        // A slot dropped unfilled closes the sink: what is behind it cannot keep its order.
+        let s6 = sink.reserve().unwrap();
+        sink.send(&h(7), b"seven").unwrap();
+        drop(s6);
+        assert!(sink.is_closed());
+        assert!(sink.send(&h(8), b"eight").is_err());
+        drop(sink);
+        assert!(read_frame(&mut r).await.unwrap().is_none());
     }
 }

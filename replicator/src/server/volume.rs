@@ -980,6 +980,8 @@ impl VolumeRuntime {
         e: u64,
     ) -> Result<(), Fail> {
         let mut sends = Vec::new();
+        // Catching-up peers' answers are not waited for (see `trail_peers`).
+        let mut trailing = Vec::new();
         let mut missed = Vec::new();
         // `_active` lives until every peer answered: the region stays in the activity log.
         let (mut ticket, _active, seq) = {
@@ -1025,18 +1027,19 @@ impl VolumeRuntime {
                 (&[], crc32c::crc32c(&[]))
             };
             for p in self.peers() {
-                match p.state() {
-                    PeerState::OutOfSync => missed.push(p),
-                    _ => match p.link() {
-                        Some(l) => {
-                            rh.request_id = l.next_request_id();
-                            match l.send_with_payload_crc(&rh, body, body_crc) {
-                                Ok(rx) => sends.push((p, Some(rx))),
-                                Err(_) => sends.push((p, None)),
-                            }
-                        }
-                        None => sends.push((p, None)),
-                    },
+                let state = p.state();
+                if state == PeerState::OutOfSync {
+                    missed.push(p);
+                    continue;
+                }
+                let rx = p.link().and_then(|l| {
+                    rh.request_id = l.next_request_id();
+                    l.send_with_payload_crc(&rh, body, body_crc).ok()
+                });
+                if state == PeerState::CatchingUp {
+                    trailing.push((p, rx));
+                } else {
+                    sends.push((p, rx));
                 }
             }
             (ticket, active, seq)
@@ -1065,6 +1068,7 @@ impl VolumeRuntime {
         })
         .await;
         drop(ticket);
+        self.trail_peers(trailing, off, len, false, e);
         self.await_peers(sends, off, len, false, e).await?;
         // Only now is the write on every in-sync peer (or the missing one is out of sync at
         // the authority); a failure above leaves it unsettled for good.
@@ -1172,6 +1176,34 @@ impl VolumeRuntime {
                 tracing::warn!(volume = %self.name, error = %e, "cleaning activity log");
             }
         }
+    }
+
+    /// Takes the answers of catching-up peers off the acknowledgement path: a task waits for
+    /// them and marks the range in a failed peer's bitmap (which sends it back out of sync),
+    /// while the write is acknowledged without them. Waiting for them made every client
+    /// write during a catch-up queue behind up to `CATCH_UP_WINDOW` region copies on that
+    /// peer's link. Safe because such a peer is out of sync at the authority (it cannot be
+    /// promoted), and until its answer the task keeps the range in the activity log, so a
+    /// crash of this primary before the answer resyncs the range to every peer on restart.
+    fn trail_peers(
+        self: &Arc<Self>,
+        trailing: Vec<PeerSend>,
+        off: u64,
+        len: u64,
+        all: bool,
+        e: u64,
+    ) {
+        if trailing.is_empty() {
+            return;
+        }
+        let active = (!all).then(|| {
+            ActiveWrite::enter(&self.active_writes, off, len, self.ctx.config.region_size)
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _active = active;
+            let _ = me.await_peers(trailing, off, len, all, e).await;
+        });
     }
 
     /// Waits (in parallel: all were sent already) for the peers' answers until one common
@@ -1297,6 +1329,7 @@ impl VolumeRuntime {
     pub async fn client_flush(self: &Arc<Self>, h: &Header) -> Result<(), Fail> {
         let (g, e) = self.check_primary(h)?;
         let mut sends = Vec::new();
+        let mut trailing = Vec::new();
         let mut ticket = {
             let mut sq = self.seq.lock().await;
             let seq = self.next_seq(&mut sq).await?;
@@ -1314,7 +1347,11 @@ impl VolumeRuntime {
                     rh.request_id = l.next_request_id();
                     l.send(&rh, &[]).ok()
                 });
-                sends.push((p, rx));
+                if st == PeerState::CatchingUp {
+                    trailing.push((p, rx));
+                } else {
+                    sends.push((p, rx));
+                }
             }
             t
         };
@@ -1325,6 +1362,7 @@ impl VolumeRuntime {
             .expect("store task");
         drop(ticket);
         // A peer that failed a flush may have lost any write since its last flush: all dirty.
+        self.trail_peers(trailing, 0, 0, true, e);
         self.await_peers(sends, 0, 0, true, e).await?;
         local.map_err(store_fail)?;
         if !self.lease.valid(e) {
@@ -1776,21 +1814,18 @@ impl VolumeRuntime {
             if let Some(region) = next {
                 let off = region * region_size;
                 let len = region_size.min(size - off);
-                let rx = {
+                // Under the sequencer lock only the copy's place: its seq, its overlap
+                // ticket and its slot in the link's frame order. The region is read after
+                // the lock is released (reading it under the lock held every new write of
+                // the volume for one region read, ~1 MiB, per copy); only this peer's later
+                // frames wait for the slot, and only overlapping writes for the ticket.
+                let placed = {
                     let mut sq = self.seq.lock().await;
                     let seq = self.next_seq(&mut sq).await?;
-                    let mut t = self
+                    let t = self
                         .overlap
                         .register(seq, off, len, false)
                         .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
-                    // Reading after every earlier overlapping write and before any later one
-                    // (they wait for this ticket) is what orders the copy in the stream.
-                    t.ready().await;
-                    let data = store_op(&self.replica, false, move |rep| {
-                        rep.read_at(off, len as u32)
-                    })
-                    .await
-                    .map_err(store_fail)?;
                     p.bitmap.lock().expect("bitmap").clear_region(region);
                     let (g, _) = self.fence();
                     let mut rh =
@@ -1798,9 +1833,26 @@ impl VolumeRuntime {
                     rh.offset = off;
                     rh.length = len as u32;
                     rh.request_id = link.next_request_id();
-                    let rx = link.send(&rh, &data);
-                    drop(t);
-                    rx
+                    link.reserve(rh.request_id)
+                        .map(|(slot, rx)| (rh, t, slot, rx))
+                };
+                let rx = match placed {
+                    Ok((rh, mut t, slot, rx)) => {
+                        // Reading after every earlier overlapping write and before any later
+                        // one (they wait for this ticket) is what orders the copy in the
+                        // stream.
+                        t.ready().await;
+                        let data = store_op(&self.replica, false, move |rep| {
+                            rep.read_at(off, len as u32)
+                        })
+                        .await;
+                        drop(t);
+                        // A failed read drops the slot, which closes the link: the frames
+                        // behind it cannot leave in order.
+                        let data = data.map_err(store_fail)?;
+                        slot.fill(&rh, &data).map(|()| rx).map_err(|_| ())
+                    }
+                    Err(_) => Err(()),
                 };
                 match rx {
                     Ok(rx) => window.push_back((off, len, rx)),
