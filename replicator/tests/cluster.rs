@@ -16,6 +16,31 @@ fn two_server_volume(au: &TestAuthority, vol: &str) {
     au.create_volume(vol, 64 * MIB, &["s1", "s2"]);
 }
 
+/// Sends one stamped block write straight to the server at `addr`, at the authority's
+/// current (generation, epoch), without waiting for its answer (which may never come); the
+/// connection is returned so that it stays open.
+fn raw_stamped_write(
+    au: &TestAuthority,
+    addr: &str,
+    vol: &str,
+    block: u64,
+    write_id: u64,
+) -> Result<RawConn> {
+    use replicator::frame::MsgKind;
+    let i = au.info(vol);
+    let mut raw = RawConn::connect(addr)?;
+    let mut h = header(MsgKind::Write, 1, vol, i.generation, i.epoch);
+    h.offset = block * BS;
+    h.length = BS as u32;
+    let stamp = replicator::stamp::Stamp {
+        volume: vol.into(),
+        block,
+        write_id,
+    };
+    raw.send(&h, &replicator::stamp::stamp_block(&stamp, BS as usize))?;
+    Ok(raw)
+}
+
 #[test]
 fn secondary_kill9_degrades_then_catches_up_from_bitmap_under_live_writes() -> Result<()> {
     let root = tempfile::tempdir()?;
@@ -896,7 +921,6 @@ fn writes_in_flight_when_primary_and_client_die_are_resynced_from_the_activity_l
 
 #[test]
 fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_log() -> Result<()> {
-    use replicator::frame::MsgKind;
     let root = tempfile::tempdir()?;
     let au = TestAuthority::start();
     two_server_volume(&au, "vol-d");
@@ -918,23 +942,7 @@ fn a_write_on_the_secondary_but_not_the_dead_primary_is_undone_by_the_activity_l
         "POST",
         "/fault?volume=vol-d&op=write&errno=-1",
     )?;
-    let (g, e) = {
-        let i = au.info("vol-d");
-        (i.generation, i.epoch)
-    };
-    let mut raw = RawConn::connect(&s1.data_addr)?;
-    let mut h = header(MsgKind::Write, 1, "vol-d", g, e);
-    h.offset = 5 * BS;
-    h.length = BS as u32;
-    let data = replicator::stamp::stamp_block(
-        &replicator::stamp::Stamp {
-            volume: "vol-d".into(),
-            block: 5,
-            write_id: 2,
-        },
-        BS as usize,
-    );
-    raw.send(&h, &data)?;
+    let _raw = raw_stamped_write(&au, &s1.data_addr, "vol-d", 5, 2)?;
     wait_until("s2 applied the write", T, || {
         file_stamp(&s2.data_file("vol-d"), "vol-d", 5) == Some(2)
     })?;
@@ -1113,7 +1121,6 @@ fn the_primary_keeps_serving_across_an_authority_leader_change() -> Result<()> {
 /// it serves; the other survivor stays in sync throughout.
 #[test]
 fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_other() -> Result<()> {
-    use replicator::frame::MsgKind;
     let root = tempfile::tempdir()?;
     let au = TestAuthority::start();
     au.create_volume("vol-u", 16 * MIB, &["s1", "s2", "s3"]);
@@ -1138,23 +1145,7 @@ fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_othe
         "/fault?volume=vol-u&op=write&errno=5",
     )?;
     au.cut("s1", true);
-    let (g, e) = {
-        let i = au.info("vol-u");
-        (i.generation, i.epoch)
-    };
-    let mut raw = RawConn::connect(&s1.data_addr)?;
-    let mut h = header(MsgKind::Write, 1, "vol-u", g, e);
-    h.offset = 5 * BS;
-    h.length = BS as u32;
-    let data = replicator::stamp::stamp_block(
-        &replicator::stamp::Stamp {
-            volume: "vol-u".into(),
-            block: 5,
-            write_id: 2,
-        },
-        BS as usize,
-    );
-    raw.send(&h, &data)?;
+    let _raw = raw_stamped_write(&au, &s1.data_addr, "vol-u", 5, 2)?;
     wait_until("s2 applied the write", T, || {
         file_stamp(&s2.data_file("vol-u"), "vol-u", 5) == Some(2)
     })?;

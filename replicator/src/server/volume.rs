@@ -543,17 +543,8 @@ impl VolumeRuntime {
             }
         }
         if resync {
-            let a = self.activity.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                let mut a = a.lock().expect("activity");
-                for r in a.dirty_list() {
-                    a.clear_region(r);
-                }
-                a.persist_all()
-            })
-            .await
-            .expect("activity task");
-            if let Err(e) = r {
+            let all = self.activity.lock().expect("activity").dirty_list();
+            if let Err(e) = clear_regions(&self.activity, all).await {
                 tracing::warn!(volume = %self.name, error = %e, "clearing activity log");
             }
         }
@@ -733,17 +724,7 @@ impl VolumeRuntime {
                 tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e.message, "telling a peer it was resynced");
                 continue;
             }
-            let (bm, regions) = (p.bitmap.clone(), regions.clone());
-            let r = tokio::task::spawn_blocking(move || {
-                let mut b = bm.lock().expect("bitmap");
-                for r in regions {
-                    b.clear_region(r);
-                }
-                b.persist_all()
-            })
-            .await
-            .expect("bitmap task");
-            if let Err(e) = r {
+            if let Err(e) = clear_regions(&p.bitmap, regions.clone()).await {
                 tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e, "clearing resynced regions from the bitmap");
             }
         }
@@ -1162,17 +1143,7 @@ impl VolumeRuntime {
             if clear.is_empty() {
                 continue;
             }
-            let a = self.activity.clone();
-            let r = tokio::task::spawn_blocking(move || {
-                let mut a = a.lock().expect("activity");
-                for r in clear {
-                    a.clear_region(r);
-                }
-                a.persist_all()
-            })
-            .await
-            .expect("activity task");
-            if let Err(e) = r {
+            if let Err(e) = clear_regions(&self.activity, clear).await {
                 tracing::warn!(volume = %self.name, error = %e, "cleaning activity log");
             }
         }
@@ -2042,6 +2013,23 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         }
         _ => f(),
     }
+}
+
+/// Clears `regions` in a bitmap and persists it, off the async threads (it fdatasyncs).
+async fn clear_regions(
+    bm: &Arc<Mutex<DirtyBitmap>>,
+    regions: impl IntoIterator<Item = u64> + Send + 'static,
+) -> std::io::Result<()> {
+    let bm = bm.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut b = bm.lock().expect("bitmap");
+        for r in regions {
+            b.clear_region(r);
+        }
+        b.persist_all()
+    })
+    .await
+    .expect("bitmap task")
 }
 
 /// A write counted in `active_writes` from its activity mark until it is answered.
