@@ -78,6 +78,10 @@ pub struct VolumeMeta {
     /// resume from it after a restart of either side.
     #[serde(default)]
     pub partial_epoch: u64,
+    /// The last epoch this server was the volume's primary of (0: never). A replica that
+    /// followed that epoch's stream is covered by this server's own activity log.
+    #[serde(default)]
+    pub led_epoch: u64,
 }
 
 fn current_boot_id() -> String {
@@ -540,6 +544,7 @@ impl ReplicaStore {
             seq_reserved: 0,
             boot_id: current_boot_id(),
             partial_epoch: 0,
+            led_epoch: 0,
         };
         // The metadata goes last: a crash before it leaves no half-created volume visible.
         write_meta(&dir, &meta).map_err(io)?;

@@ -1134,6 +1134,14 @@ fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_othe
         &["--enable-fault-injection"],
     )?;
     wait_in_sync(&au, &s1, "vol-u", &["s2", "s3"])?;
+    // A new volume's replicas are all zeroes: in sync from the start, nothing is copied.
+    for peer in s1.volume_health("vol-u")?["peers"].as_array().unwrap() {
+        assert_eq!(
+            (&peer["full_rebuild"], &peer["copy_total"]),
+            (&serde_json::json!(false), &serde_json::json!(0)),
+            "{peer}"
+        );
+    }
     let p = pipeline(&au, "vol-u");
     let w = p.worker(8)?;
     write_blocks(&w, "vol-u", 0..64, 1)?;
@@ -1230,5 +1238,57 @@ fn a_wiped_secondary_the_authority_calls_in_sync_is_rebuilt_not_trusted() -> Res
             "s1 block {b}"
         );
     }
+    Ok(())
+}
+
+/// The same divergence, but both survivors' processes restart before the failover (a double
+/// fault): a write reached s2, s3 was frozen and never read it off its socket, and then both
+/// restarted, forgetting what they had received unsettled. The new primary did not lead the
+/// stream they followed, so it cannot know where they differ and gives the other a full copy.
+#[test]
+fn survivors_that_restarted_and_forgot_their_unsettled_writes_are_made_equal_by_a_full_copy(
+) -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let au = TestAuthority::start();
+    au.create_volume("vol-f", 16 * MIB, &["s1", "s2", "s3"]);
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr_for("s1"), &["vol-f"], &[])?;
+    let mut s2 = ServerProc::start("s2", root.path(), &au.addr, &["vol-f"], &[])?;
+    let mut s3 = ServerProc::start("s3", root.path(), &au.addr, &["vol-f"], &[])?;
+    wait_in_sync(&au, &s1, "vol-f", &["s2", "s3"])?;
+    let p = pipeline(&au, "vol-f");
+    let w = p.worker(8)?;
+    write_blocks(&w, "vol-f", 0..64, 1)?;
+    // s3 frozen (the write waits unread in its socket), s1 unable to mark it out of sync.
+    s3.signal(libc::SIGSTOP);
+    au.cut("s1", true);
+    let _raw = raw_stamped_write(&au, &s1.data_addr, "vol-f", 5, 2)?;
+    wait_until("s2 applied the write", T, || {
+        file_stamp(&s2.data_file("vol-f"), "vol-f", 5) == Some(2)
+    })?;
+    s1.kill9();
+    s3.restart()?;
+    s2.restart()?;
+    assert_eq!(file_stamp(&s3.data_file("vol-f"), "vol-f", 5), Some(1));
+    assert!(au.in_sync("vol-f", "s2") && au.in_sync("vol-f", "s3"));
+
+    let out = au.failover("vol-f", "test: primary killed")?;
+    let (np, other) = match out.primary.as_str() {
+        "s2" => (&s2, "s3"),
+        "s3" => (&s3, "s2"),
+        x => anyhow::bail!("unexpected primary {x}"),
+    };
+    wait_until("the new primary serves", T, || is_primary(np, "vol-f"))?;
+    wait_in_sync(&au, np, "vol-f", &[other])?;
+    let peer = &np.volume_health("vol-f")?["peers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["server_id"] == other).cloned())
+        .unwrap_or_default();
+    assert_eq!(peer["full_rebuild"], true, "{peer}");
+    flush(&w)?;
+    files_equal_blocks(
+        &s2.data_file("vol-f"),
+        &s3.data_file("vol-f"),
+        0..(16 * MIB / BS),
+    )?;
     Ok(())
 }

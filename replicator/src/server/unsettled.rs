@@ -18,10 +18,13 @@
 //!   them (`CATCH_UP_CONNECT`), and copies the union from its own replica to those peers
 //!   before it serves (`VolumeRuntime::reconcile`).
 //!
-//! In memory only, on purpose: a secondary whose process restarts has not lost its page
-//! cache, but one whose machine reboots is no longer synced (its boot id changed) and is
-//! rebuilt by a full copy, and a primary's own restart is covered by its persistent activity
-//! log.
+//! In memory only: recording every write durably would cost a disk write per write. So a
+//! log starts *unknown* in a process that opens a synced replica (it may have received
+//! unsettled writes before a restart and forgotten them); a new primary that did not lead
+//! the stream such a replica followed gives it a full copy instead (`try_become_primary`),
+//! while one that did lead it has those regions in its own persistent activity log. A
+//! catch-up to its end makes the log known again. (A replica after a machine reboot is no
+//! longer synced at all: boot id.)
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -75,17 +78,29 @@ pub struct UnsettledLog {
     recent: VecDeque<(u64, u64, u64)>,
     /// Regions of writes a primary will never settle (an earlier epoch's, or folded).
     older: BTreeSet<u64>,
+    /// This process may have forgotten writes it received from the stream of this epoch
+    /// (the one its replica followed when the process started; see the module's doc).
+    unknown: Option<u64>,
 }
 
 impl UnsettledLog {
-    pub fn new(region_size: u64) -> Self {
+    /// `unknown`: this process opened a replica that was synced, following this epoch's
+    /// stream, before it started.
+    pub fn new(region_size: u64, unknown: Option<u64>) -> Self {
         assert!(region_size > 0, "region size is positive");
         Self {
             region_size,
             fence: (0, 0),
             recent: VecDeque::new(),
             older: BTreeSet::new(),
+            unknown,
         }
+    }
+
+    /// The epoch of the stream whose writes, received before this process started, may be
+    /// missing from the log.
+    pub fn unknown(&self) -> Option<u64> {
+        self.unknown
     }
 
     /// A replicated operation was admitted (in stream order): forget what its commit point
@@ -134,8 +149,18 @@ impl UnsettledLog {
     /// Whether this replica may differ from the others where the primary of `fence` does
     /// not know it: writes of an earlier primary that nobody resynced. (Unsettled writes of
     /// `fence`'s own stream are that primary's to account for.)
+    /// (The primary of a forgotten stream knows what it sent: its bitmap covers it.)
     pub fn unreconciled_for(&self, fence: (u64, u64)) -> bool {
-        !self.older.is_empty() || (self.fence != fence && !self.recent.is_empty())
+        self.unknown.is_some_and(|e| e != fence.1)
+            || !self.older.is_empty()
+            || (self.fence != fence && !self.recent.is_empty())
+    }
+
+    /// A catch-up ran to its end: this replica holds the primary's copy of everything the
+    /// primary knew it might lack (with anything unreconciled that was a full copy).
+    pub fn caught_up(&mut self) {
+        self.older.clear();
+        self.unknown = None;
     }
 
     /// A primary copied every reported range to this replica: only writes of the current
@@ -144,12 +169,13 @@ impl UnsettledLog {
         self.older.clear();
     }
 
-    /// Takes everything (this server becomes primary: its copy is the one the others get).
-    pub fn take(&mut self, size: u64) -> Vec<[u64; 2]> {
+    /// Takes everything (this server becomes primary: its copy is the one the others get),
+    /// and the epoch of a forgotten stream.
+    pub fn take(&mut self, size: u64) -> (Vec<[u64; 2]>, Option<u64>) {
         let r = self.ranges(size);
         self.older.clear();
         self.recent.clear();
-        r
+        (r, std::mem::take(&mut self.unknown))
     }
 }
 
@@ -171,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_commit_point_forgets_what_it_settles() {
-        let mut l = UnsettledLog::new(RS);
+        let mut l = UnsettledLog::new(RS, None);
         l.admit((1, 1), 1, 0, 0, 4096);
         l.admit((1, 1), 2, 0, 3 * RS, 4096);
         assert_eq!(l.ranges(8 * RS), vec![[0, RS], [3 * RS, RS]]);
@@ -184,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_new_epoch_keeps_the_old_primarys_unsettled_writes_until_reconciled() {
-        let mut l = UnsettledLog::new(RS);
+        let mut l = UnsettledLog::new(RS, None);
         l.admit((1, 1), 10, 9, RS + 5, 2 * RS);
         l.admit((1, 2), 1, 0, 6 * RS, 4096);
         // The new primary's commit point says nothing about the old stream.
@@ -202,17 +228,36 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_process_does_not_know_until_a_catch_up_ends() {
+        let mut l = UnsettledLog::new(RS, Some(3));
+        // The primary of epoch 3 knows what it sent; another one does not.
+        assert!(!l.unreconciled_for((1, 3)));
+        assert!(l.unreconciled_for((1, 4)));
+        l.reconciled();
+        assert_eq!(
+            l.unknown(),
+            Some(3),
+            "a resync of reported ranges is not enough"
+        );
+        l.caught_up();
+        assert!(l.unknown().is_none() && !l.unreconciled_for((1, 4)));
+        let mut l = UnsettledLog::new(RS, Some(3));
+        assert_eq!(l.take(8 * RS), (vec![], Some(3)));
+        assert!(l.unknown().is_none());
+    }
+
+    #[test]
     fn the_last_region_is_cut_at_the_volume_end() {
-        let mut l = UnsettledLog::new(RS);
+        let mut l = UnsettledLog::new(RS, None);
         l.admit((1, 1), 1, 0, RS, 4096);
         assert_eq!(l.ranges(RS + 8192), vec![[RS, 8192]]);
-        assert_eq!(l.take(RS + 8192), vec![[RS, 8192]]);
+        assert_eq!(l.take(RS + 8192), (vec![[RS, 8192]], None));
         assert!(l.ranges(RS + 8192).is_empty());
     }
 
     #[test]
     fn a_stuck_commit_point_folds_into_regions_instead_of_growing() {
-        let mut l = UnsettledLog::new(RS);
+        let mut l = UnsettledLog::new(RS, None);
         for s in 1..=(MAX_RECENT as u64 * 2) {
             l.admit((1, 1), s, 0, (s % 8) * RS, 4096);
         }
@@ -244,7 +289,7 @@ mod tests {
             writes in prop::collection::vec((0u64..16, any::<bool>()), 1..200),
         ) {
             let mut t = SettleTracker::default();
-            let mut l = UnsettledLog::new(RS);
+            let mut l = UnsettledLog::new(RS, None);
             let mut unsettled = Vec::new();
             for (i, &(region, settles_now)) in writes.iter().enumerate() {
                 let seq = i as u64 + 1;

@@ -28,6 +28,9 @@ pub const CATCH_UP_DONE: u16 = 2;
 pub const CATCH_UP_CONNECT: u16 = 3;
 /// The new primary copied every region of the report to this peer (see `unsettled`).
 pub const CATCH_UP_RECONCILED: u16 = 4;
+/// CONNECT from the first primary of a volume no replica of which was ever written: a peer
+/// that is as new (created, never synced, never followed a stream) is in sync with it.
+pub const CATCH_UP_CONNECT_NEW: u16 = 5;
 
 /// How many sequence numbers a primary reserves in its metadata at a time.
 const SEQ_CHUNK: u64 = 1 << 20;
@@ -69,6 +72,10 @@ pub struct PeerHello {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnectReport {
     pub unsettled: Vec<[u64; 2]>,
+    /// Its process restarted since it last caught up: writes of this epoch's stream that it
+    /// received before may be missing from `unsettled` (see `unsettled`).
+    #[serde(default)]
+    pub unknown_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +319,10 @@ impl VolumeRuntime {
             activity_recent: Arc::default(),
             copy_write: Arc::default(),
             settling: Mutex::default(),
-            unsettled: Mutex::new(UnsettledLog::new(region_size)),
+            unsettled: Mutex::new(UnsettledLog::new(
+                region_size,
+                meta.synced.then_some(meta.followed_epoch),
+            )),
             stats: VolumeStats::default(),
         }))
     }
@@ -456,10 +466,12 @@ impl VolumeRuntime {
         let epoch = grant.epoch;
         // The seq of a restarted primary continues above anything it may have used.
         let generation = grant.generation;
+        let before = self.replica.meta();
         let meta = match meta_update(&self.replica, move |m| {
             m.generation = generation;
             m.epoch = epoch;
             m.followed_epoch = epoch;
+            m.led_epoch = epoch;
             m.seq_reserved += SEQ_CHUNK;
         })
         .await
@@ -553,10 +565,22 @@ impl VolumeRuntime {
         // and whatever this server's bitmaps still hold against an in-sync peer (a previous
         // term of this server stopped part-way through the same resync).
         let size = self.replica.size_bytes();
-        let mut unsettled = self.unsettled.lock().expect("unsettled").take(size);
+        let (mut unsettled, own_unknown) = self.unsettled.lock().expect("unsettled").take(size);
+        // A forgotten log is covered only for a stream this server led: its activity log
+        // (replayed above) holds that stream's in-flight regions.
+        let covered = |e: Option<u64>| e.is_none_or(|e| e != 0 && e == before.led_epoch);
+        let own_unknown = !covered(own_unknown);
+        // The first primary of a new volume: every replica is all zeroes, none was written.
+        let pristine = !before.synced && before.followed_epoch == 0 && before.led_epoch == 0;
         for p in &peers {
             if p.state() == PeerState::InSync {
-                match self.connect_in_sync(p, epoch).await {
+                match self.connect_in_sync(p, epoch, pristine).await {
+                    Ok(report) if own_unknown || !covered(report.unknown_epoch) => {
+                        // Where this replica and that one may differ is not known: all of it.
+                        tracing::warn!(volume = %self.name, peer = %p.server_id, own_unknown,
+                            "a replica forgot its unsettled writes in a restart: full copy");
+                        let _ = self.peer_failed(p, 0, 0, true, epoch).await;
+                    }
                     Ok(report) => unsettled.extend(report.unsettled),
                     Err(e) => {
                         tracing::warn!(volume = %self.name, peer = %p.server_id, error = %e.message, "in-sync peer unreachable");
@@ -586,10 +610,15 @@ impl VolumeRuntime {
 
     /// Connects an in-sync peer, retrying for a few replicate timeouts (a peer that starts
     /// with this server may still be loading the volume).
-    async fn connect_in_sync(&self, p: &Arc<Peer>, epoch: u64) -> Result<ConnectReport, Fail> {
+    async fn connect_in_sync(
+        &self,
+        p: &Arc<Peer>,
+        epoch: u64,
+        pristine: bool,
+    ) -> Result<ConnectReport, Fail> {
         let end = Instant::now() + 3 * self.ctx.config.replicate_timeout;
         loop {
-            match self.connect_in_sync_once(p, epoch).await {
+            match self.connect_in_sync_once(p, epoch, pristine).await {
                 Ok(r) => return Ok(r),
                 // Its replica is not synced (new, rebooted, wiped): only a full copy helps.
                 Err(e) if e.code == ErrorCode::NotInSync => return Err(e),
@@ -599,7 +628,12 @@ impl VolumeRuntime {
         }
     }
 
-    async fn connect_in_sync_once(&self, p: &Arc<Peer>, epoch: u64) -> Result<ConnectReport, Fail> {
+    async fn connect_in_sync_once(
+        &self,
+        p: &Arc<Peer>,
+        epoch: u64,
+        pristine: bool,
+    ) -> Result<ConnectReport, Fail> {
         if p.addr.lock().expect("addr").is_empty() {
             // The role loop is busy activating: look the address up here.
             if let Ok(info) = self
@@ -614,7 +648,12 @@ impl VolumeRuntime {
         let link = self.connect_peer(p).await?;
         // CONNECT first: the peer follows this epoch, so this primary's bitmap for it is
         // from now on what it may lack (besides the regions of its report).
-        let h = self.catch_up_header(CATCH_UP_CONNECT, &link, epoch);
+        let flag = if pristine {
+            CATCH_UP_CONNECT_NEW
+        } else {
+            CATCH_UP_CONNECT
+        };
+        let h = self.catch_up_header(flag, &link, epoch);
         let f = link
             .call(&h, &[], self.ctx.config.replicate_timeout)
             .await
@@ -1497,8 +1536,12 @@ impl VolumeRuntime {
             }
         }
         let size = self.replica.size_bytes();
+        let fresh =
+            |m: &crate::store::VolumeMeta| !m.synced && m.followed_epoch == 0 && m.led_epoch == 0;
+        let meta = self.replica.meta();
+        let new_and_new = h.flags == CATCH_UP_CONNECT_NEW && fresh(&meta);
         match h.flags {
-            CATCH_UP_CONNECT if !self.replica.meta().synced => {
+            CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW if !meta.synced && !new_and_new => {
                 return Err(Fail::new(
                     ErrorCode::NotInSync,
                     "this replica is not synced (new, after a reboot, or part-way through a \
@@ -1555,11 +1598,13 @@ impl VolumeRuntime {
                     })?;
                     Ok(Vec::new())
                 }
-                CATCH_UP_CONNECT => {
-                    // Synced already (checked above); what it applied becomes durable before
-                    // it records that it follows the new epoch.
+                CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW => {
+                    // Synced already, or all zeroes like the primary (checked above); what
+                    // it applied becomes durable before it records that it follows the new
+                    // epoch.
                     rep.sync()?;
                     rep.update_meta(|m| {
+                        m.synced = true;
                         m.followed_epoch = e;
                         m.generation = g;
                         m.epoch = e;
@@ -1575,14 +1620,18 @@ impl VolumeRuntime {
         match flags {
             // The epoch is persisted: no frame of an older primary is admitted after this, so
             // the report misses none of them.
-            CATCH_UP_CONNECT => Ok(serde_json::to_vec(&ConnectReport {
-                unsettled: self.unsettled.lock().expect("unsettled").ranges(size),
-            })
-            .expect("report serializes")),
+            CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW => {
+                let log = self.unsettled.lock().expect("unsettled");
+                Ok(serde_json::to_vec(&ConnectReport {
+                    unsettled: log.ranges(size),
+                    unknown_epoch: log.unknown(),
+                })
+                .expect("report serializes"))
+            }
             // A finished catch-up copied everything the primary knew this replica lacked;
             // with unsettled regions left that was a full copy (BEGIN above).
             CATCH_UP_DONE => {
-                self.unsettled.lock().expect("unsettled").reconciled();
+                self.unsettled.lock().expect("unsettled").caught_up();
                 Ok(r)
             }
             _ => Ok(r),

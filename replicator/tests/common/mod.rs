@@ -427,6 +427,14 @@ impl ServerProc {
         c.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// Sends `sig` to the server process (e.g. SIGSTOP to freeze it with its sockets open).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL
