@@ -689,6 +689,71 @@ mod tests {
         assert!(sink.is_closed());
     }
 
+    /// A sink with no writer task: what it would hand to the socket stays in `buf`.
+    fn bare_sink() -> FrameSink {
+        FrameSink {
+            shared: Arc::new(SinkShared {
+                state: Mutex::new(SinkState::default()),
+                wake: Notify::new(),
+                senders: AtomicUsize::new(1),
+            }),
+        }
+    }
+
+    fn sendable_ids(sink: &FrameSink) -> Vec<u64> {
+        let st = sink.shared.state.lock().unwrap();
+        let (mut at, mut ids) = (0, Vec::new());
+        while let Some((f, used)) = frame::decode(&st.buf[at..]).unwrap() {
+            ids.push(f.header.request_id);
+            at += used;
+        }
+        assert_eq!(at, st.buf.len(), "only whole frames are sendable");
+        assert_eq!(st.frames, ids.len());
+        ids
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of frames and slots, and whatever order the slots are filled
+        /// in, what may leave is always the calls' order up to the first unfilled slot.
+        #[test]
+        fn slots_and_frames_leave_in_call_order(ops in proptest::collection::vec(0u8..3, 1..60),
+                                                picks in proptest::collection::vec(0usize..8, 60)) {
+            let sink = bare_sink();
+            let vol = VolumeName::new("v").unwrap();
+            let mut open: Vec<(u64, FrameSlot)> = Vec::new();
+            let mut next = 0u64;
+            let mut picks = picks.into_iter();
+            let check = |open: &Vec<(u64, FrameSlot)>, next: u64| {
+                let first_open = open.iter().map(|(id, _)| *id).min().unwrap_or(next);
+                proptest::prop_assert_eq!(sendable_ids(&sink), (0..first_open).collect::<Vec<_>>());
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    0 => {
+                        sink.send(&Header::new(MsgKind::Write, next, vol.clone()), b"f").unwrap();
+                        next += 1;
+                    }
+                    1 => {
+                        open.push((next, sink.reserve().unwrap()));
+                        next += 1;
+                    }
+                    _ if !open.is_empty() => {
+                        let i = picks.next().unwrap_or(0) % open.len();
+                        let (id, slot) = open.remove(i);
+                        slot.fill(&Header::new(MsgKind::Write, id, vol.clone()), b"s").unwrap();
+                    }
+                    _ => {}
+                }
+                check(&open, next)?;
+            }
+            while let Some((id, slot)) = open.pop() {
+                slot.fill(&Header::new(MsgKind::Write, id, vol.clone()), b"s").unwrap();
+                check(&open, next)?;
+            }
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn frames_behind_a_slot_wait_for_it_and_slots_keep_their_place() {
         let (a, b) = pair().await;
