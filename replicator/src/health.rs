@@ -44,6 +44,7 @@ pub fn health_json(ctx: &ServerCtx) -> Value {
             let degraded = v.peers().iter().any(|p| p.state() != PeerState::InSync);
             let last_ok = v.stats.last_ok_ms.load(Ordering::Relaxed);
             let meta = v.replica.meta();
+            let (unsettled, unsettled_unknown) = v.unsettled();
             json!({
                 "volume": v.name.as_str(),
                 "role": role,
@@ -59,6 +60,9 @@ pub fn health_json(ctx: &ServerCtx) -> Value {
                 "in_sync_peers": v.peers().iter().filter(|p| p.state() == PeerState::InSync).map(|p| p.server_id.clone()).collect::<Vec<_>>(),
                 "synced": meta.synced,
                 "followed_epoch": meta.followed_epoch,
+                "unsettled_regions": unsettled,
+                "unsettled_unknown": unsettled_unknown,
+                "resynced_regions": v.stats.resynced_regions.load(Ordering::Relaxed),
                 "disk_errors": v.replica.disk_errors.load(Ordering::Relaxed),
                 "inflight": v.stats.inflight.load(Ordering::Relaxed),
                 "last_ok_io_ms_ago": if last_ok == 0 { Value::Null } else { json!(now_ms.saturating_sub(last_ok)) },
@@ -112,6 +116,8 @@ pub fn metrics_text(ctx: &ServerCtx) -> String {
         ("replicator_volume_replicated_applied_total", "counter"),
         ("replicator_volume_degraded_events_total", "counter"),
         ("replicator_volume_catchup_regions_copied_total", "counter"),
+        ("replicator_volume_resynced_regions_total", "counter"),
+        ("replicator_volume_unsettled_regions", "gauge"),
     ];
     let vols = ctx.all_volumes();
     for (name, kind) in gauges {
@@ -140,7 +146,14 @@ pub fn metrics_text(ctx: &ServerCtx) -> String {
                 "replicator_volume_degraded_events_total" => {
                     st.degraded_events.load(Ordering::Relaxed)
                 }
-                _ => st.copies_sent.load(Ordering::Relaxed),
+                "replicator_volume_resynced_regions_total" => {
+                    st.resynced_regions.load(Ordering::Relaxed)
+                }
+                "replicator_volume_unsettled_regions" => v.unsettled().0 as u64,
+                "replicator_volume_catchup_regions_copied_total" => {
+                    st.copies_sent.load(Ordering::Relaxed)
+                }
+                other => unreachable!("no value for metric {other}"),
             };
             let _ = writeln!(s, "{name}{{server=\"{sid}\",volume=\"{}\"}} {val}", v.name);
         }

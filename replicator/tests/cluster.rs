@@ -1186,6 +1186,13 @@ fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_othe
         "{}",
         np.log_text()
     );
+    let h = np.volume_health("vol-u")?;
+    assert!(h["resynced_regions"].as_u64() >= Some(1), "{h}");
+    let metrics = http(&np.admin_addr, "GET", "/metrics")?;
+    assert!(
+        metrics.contains("replicator_volume_resynced_regions_total{"),
+        "{metrics}"
+    );
     write_blocks(&w, "vol-u", 100..110, 3)?;
     flush(&w)?;
     files_equal_blocks(

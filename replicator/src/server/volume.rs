@@ -217,6 +217,9 @@ pub struct VolumeStats {
     pub replicated_applied: AtomicU64,
     pub degraded_events: AtomicU64,
     pub copies_sent: AtomicU64,
+    /// Regions this server, as a new primary, copied to surviving peers because they may
+    /// have differed (`reconcile`).
+    pub resynced_regions: AtomicU64,
     pub inflight: AtomicU64,
     /// Milliseconds since the server started, of the last successful I/O (0: none).
     pub last_ok_ms: AtomicU64,
@@ -333,6 +336,16 @@ impl VolumeRuntime {
 
     pub fn info(&self) -> VolumeInfo {
         self.info.lock().expect("info").clone()
+    }
+
+    /// As a secondary: the byte ranges where this replica may differ from the others, and
+    /// whether its process forgot some in a restart (see `unsettled`).
+    pub fn unsettled(&self) -> (usize, bool) {
+        let log = self.unsettled.lock().expect("unsettled");
+        (
+            log.ranges(self.replica.size_bytes()).len(),
+            log.unknown().is_some(),
+        )
     }
 
     pub fn peers(&self) -> Vec<Arc<Peer>> {
@@ -750,6 +763,9 @@ impl VolumeRuntime {
         while let Some((o, l, s)) = pending.pop_front() {
             self.await_peers(s, o, l, false, epoch).await?;
         }
+        self.stats
+            .resynced_regions
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
         for p in targets.iter().filter(|p| p.state() == PeerState::InSync) {
             let Some(link) = p.link() else { continue };
             let h = self.catch_up_header(CATCH_UP_RECONCILED, &link, epoch);
