@@ -1362,3 +1362,79 @@ fn three_servers_survive_repeated_kill9s_with_every_write_kept_and_replicas_iden
     }
     Ok(())
 }
+
+/// When the survivors report more regions than a new primary copies before serving (here:
+/// 4 KiB regions and hundreds of writes that s1 could neither settle nor acknowledge, its
+/// commit point stuck on s3's failing disk while it was cut off from the authority), the
+/// peers are caught up instead, and still end identical.
+#[test]
+fn a_large_unsettled_set_is_caught_up_instead_of_copied_before_serving() -> Result<()> {
+    use replicator::frame::MsgKind;
+    const VOL: &str = "vol-l";
+    let root = tempfile::tempdir()?;
+    let au = TestAuthority::start();
+    au.create_volume(VOL, 16 * MIB, &["s1", "s2", "s3"]);
+    let small = ["--region-size", "4096"];
+    let mut s1 = ServerProc::start("s1", root.path(), &au.addr_for("s1"), &[VOL], &small)?;
+    let s2 = ServerProc::start("s2", root.path(), &au.addr, &[VOL], &small)?;
+    let s3 = ServerProc::start(
+        "s3",
+        root.path(),
+        &au.addr,
+        &[VOL],
+        &["--region-size", "4096", "--enable-fault-injection"],
+    )?;
+    wait_in_sync(&au, &s1, VOL, &["s2", "s3"])?;
+    http(
+        &s3.admin_addr,
+        "POST",
+        &format!("/fault?volume={VOL}&op=write&errno=5"),
+    )?;
+    au.cut("s1", true);
+    let i = au.info(VOL);
+    let mut raw = RawConn::connect(&s1.data_addr)?;
+    let mut frames = Vec::new();
+    for b in 0..400u64 {
+        let mut h = header(MsgKind::Write, b + 1, VOL, i.generation, i.epoch);
+        h.offset = b * 2 * BS;
+        h.length = BS as u32;
+        let stamp = replicator::stamp::Stamp {
+            volume: VOL.into(),
+            block: b * 2,
+            write_id: 1,
+        };
+        frames.extend(replicator::frame::encode(
+            &h,
+            &replicator::stamp::stamp_block(&stamp, BS as usize),
+        ));
+    }
+    raw.send_raw(&frames)?;
+    wait_until("s2 applied more than 256 writes", T, || {
+        (0..400u64)
+            .filter(|b| file_stamp(&s2.data_file(VOL), VOL, b * 2) == Some(1))
+            .count()
+            > 300
+    })?;
+    s1.kill9();
+    http(
+        &s3.admin_addr,
+        "POST",
+        &format!("/fault?volume={VOL}&op=write&errno=0"),
+    )?;
+    let out = au.failover(VOL, "test: primary killed")?;
+    let (np, other) = match out.primary.as_str() {
+        "s2" => (&s2, "s3"),
+        "s3" => (&s3, "s2"),
+        x => anyhow::bail!("unexpected primary {x}"),
+    };
+    wait_until("the new primary serves", T, || is_primary(np, VOL))?;
+    assert!(
+        np.log_text()
+            .contains("too many regions to resync before serving"),
+        "{}",
+        np.log_text()
+    );
+    wait_in_sync(&au, np, VOL, &[other])?;
+    files_equal_blocks(&s2.data_file(VOL), &s3.data_file(VOL), 0..(16 * MIB / BS))?;
+    Ok(())
+}

@@ -43,6 +43,11 @@ const ACTIVITY_IDLE_PASSES: u64 = 60;
 /// Marked regions beyond which the longest idle are cleared first (4 GiB at 1 MiB regions).
 const ACTIVITY_MAX_REGIONS: usize = 4096;
 
+/// A new primary copies at most this many regions to the surviving peers before it serves
+/// (`reconcile`); beyond it they are caught up instead, out of sync meanwhile. After a
+/// failover under load the set is about the writes that were in flight: a few regions.
+const RESYNC_INLINE_MAX_REGIONS: usize = 256;
+
 /// Region copies a catch-up keeps in flight (16 MiB at the default region size). On the
 /// bench machine's ext4 disk 16 copied ~350 MB/s against ~260 with 8, once each copy starts
 /// its own write-back (`VolumeReplica::start_writeback`).
@@ -574,9 +579,9 @@ impl VolumeRuntime {
             }
         }
         // Where the survivors may differ: this replica's own record as a secondary (taken
-        // now: since the epoch was persisted above no older frame is admitted), each peer's,
-        // and whatever this server's bitmaps still hold against an in-sync peer (a previous
-        // term of this server stopped part-way through the same resync).
+        // now: since the epoch was persisted above no older frame is admitted) and each
+        // peer's. (A previous term of this server that died part-way through the same resync
+        // left the regions in its activity log, replayed above.)
         let size = self.replica.size_bytes();
         let (mut unsettled, own_unknown) = self.unsettled.lock().expect("unsettled").take(size);
         // A forgotten log is covered only for a stream this server led: its activity log
@@ -602,10 +607,7 @@ impl VolumeRuntime {
                 }
             }
         }
-        let mut regions = unsettled::regions_of(&unsettled, cfg.region_size);
-        for p in peers.iter().filter(|p| p.state() == PeerState::InSync) {
-            regions.extend(p.bitmap.lock().expect("bitmap").dirty_list());
-        }
+        let regions = unsettled::regions_of(&unsettled, cfg.region_size);
         if let Err(e) = self.reconcile(regions, grant.generation, epoch).await {
             // Not serving with an in-sync peer that may differ; the role loop tries again
             // (the regions stay marked in the peers' bitmaps, so the next try finds them).
@@ -718,12 +720,24 @@ impl VolumeRuntime {
             .collect();
         tracing::warn!(volume = %self.name, regions = ranges.len(), peers = targets.len(),
             "resyncing regions where the surviving replicas may differ");
-        // Marked first, durably: a peer that fails part-way is caught up from its bitmap,
-        // and if this server dies part-way its next term finds the bits.
-        for p in &targets {
-            for &(off, len) in &ranges {
+        // Marked first, durably: in each peer's bitmap, so one that fails part-way is caught
+        // up from it, and in the activity log, so that if this server dies part-way its next
+        // term as primary resyncs them (the log's replay).
+        for &(off, len) in &ranges {
+            self.activity_mark(off, len).await?;
+            for p in &targets {
                 p.mark(off, len, false).await?;
             }
+        }
+        if ranges.len() > RESYNC_INLINE_MAX_REGIONS {
+            // Too much to copy while clients wait (a commit point stuck for long, folded into
+            // regions): the peers go out of sync and are caught up from their bitmaps, with
+            // the volume serving meanwhile.
+            tracing::warn!(volume = %self.name, regions = ranges.len(), "too many regions to resync before serving: catching the peers up instead");
+            for p in &targets {
+                self.peer_failed(p, 0, 0, false, epoch).await?;
+            }
+            return Ok(());
         }
         let mut pending = std::collections::VecDeque::new();
         for &(off, len) in &ranges {
