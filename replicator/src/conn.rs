@@ -137,19 +137,31 @@ impl FrameSlot {
     /// next unfilled slot.
     pub fn fill(mut self, header: &Header, payload: &[u8]) -> Result<(), SinkClosed> {
         self.filled = true;
-        let mut f = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame::encode_into(header, payload, &mut f);
         let wake = {
             let mut st = self.shared.state.lock().expect("sink lock");
             if st.closed {
                 return Err(SinkClosed);
             }
-            let slot = st.behind.iter_mut().find_map(|b| match b {
-                Behind::Slot { id, frame } if *id == self.id => Some(frame),
-                _ => None,
-            });
-            *slot.expect("an unfilled slot is queued") = Some(f);
             let before = st.frames;
+            let at = st
+                .behind
+                .iter()
+                .position(|b| matches!(b, Behind::Slot { id, .. } if *id == self.id))
+                .expect("an unfilled slot is queued");
+            if at == 0 {
+                // First in line (the usual case: slots are filled in order): encoded straight
+                // into the writer's buffer, not into a frame of its own and copied there.
+                frame::encode_into(header, payload, &mut st.buf);
+                st.behind.pop_front();
+                st.frames += 1;
+            } else {
+                let mut f = Vec::with_capacity(HEADER_LEN + payload.len());
+                frame::encode_into(header, payload, &mut f);
+                st.behind[at] = Behind::Slot {
+                    id: self.id,
+                    frame: Some(f),
+                };
+            }
             st.frames += st.release();
             before == 0 && st.frames > 0
         };
@@ -481,6 +493,16 @@ impl PeerLink {
         self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Registers where the answer to `request_id` goes (refused once the link closed).
+    fn wait_for(&self, request_id: u64, w: Waiter) -> Result<(), LinkError> {
+        let mut g = self.pending.lock().expect("pending lock");
+        if g.closed {
+            return Err(LinkError::Closed(self.addr.clone()));
+        }
+        g.waiters.insert(request_id, w);
+        Ok(())
+    }
+
     fn enqueue(
         &self,
         header: &Header,
@@ -488,13 +510,7 @@ impl PeerLink {
         payload_crc: u32,
         w: Waiter,
     ) -> Result<(), LinkError> {
-        {
-            let mut g = self.pending.lock().expect("pending lock");
-            if g.closed {
-                return Err(LinkError::Closed(self.addr.clone()));
-            }
-            g.waiters.insert(header.request_id, w);
-        }
+        self.wait_for(header.request_id, w)?;
         // Frames leave in the order of these calls: callers rely on that for seq order.
         self.tx
             .send_with_payload_crc(header, payload, payload_crc)
@@ -532,13 +548,7 @@ impl PeerLink {
         request_id: u64,
     ) -> Result<(FrameSlot, oneshot::Receiver<Result<Frame, LinkError>>), LinkError> {
         let (s, r) = oneshot::channel();
-        {
-            let mut g = self.pending.lock().expect("pending lock");
-            if g.closed {
-                return Err(LinkError::Closed(self.addr.clone()));
-            }
-            g.waiters.insert(request_id, Waiter::Once(s));
-        }
+        self.wait_for(request_id, Waiter::Once(s))?;
         let slot = self
             .tx
             .reserve()

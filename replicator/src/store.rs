@@ -84,6 +84,13 @@ pub struct VolumeMeta {
     pub led_epoch: u64,
 }
 
+impl VolumeMeta {
+    /// A replica as created: never synced, never followed or led a stream, so all zeroes.
+    pub fn is_pristine(&self) -> bool {
+        !self.synced && self.followed_epoch == 0 && self.led_epoch == 0
+    }
+}
+
 fn current_boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
@@ -652,16 +659,23 @@ impl DirtyBitmap {
     /// Marks the regions of `offset..offset+len` dirty, durably: when it returns Ok, the
     /// bits are on disk.
     pub fn mark(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let span = self.region_span(offset, len);
+        self.mark_regions(span)
+    }
+
+    /// Marks these regions dirty, durably, with one flush for all of them (regions past the
+    /// end are ignored).
+    pub fn mark_regions(&mut self, regions: impl IntoIterator<Item = u64>) -> io::Result<()> {
         let mut changed_words = Vec::new();
-        for r in self.region_span(offset, len) {
+        for r in regions.into_iter().filter(|&r| r < self.regions) {
             let (w, b) = ((r / 64) as usize, r % 64);
             if self.words[w] & (1 << b) == 0 {
                 self.words[w] |= 1 << b;
-                if changed_words.last() != Some(&w) {
-                    changed_words.push(w);
-                }
+                changed_words.push(w);
             }
         }
+        changed_words.sort_unstable();
+        changed_words.dedup();
         if changed_words.is_empty() {
             return Ok(());
         }

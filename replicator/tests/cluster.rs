@@ -1142,6 +1142,19 @@ fn a_dead_primarys_write_that_reached_one_secondary_only_is_resynced_to_the_othe
             "{peer}"
         );
     }
+    // A catch-up step the secondary does not know is refused, and it goes on serving.
+    {
+        use replicator::frame::{ErrorBody, ErrorCode, MsgKind};
+        let i = au.info("vol-u");
+        let mut raw = RawConn::connect(&s2.data_addr)?;
+        let mut h = header(MsgKind::CatchUp, 1, "vol-u", i.generation, i.epoch);
+        h.flags = 9;
+        raw.send(&h, &[])?;
+        let f = raw.recv()?.context("an answer")?;
+        let body = ErrorBody::decode(&f.payload).context("an error body")?;
+        assert_eq!(body.code, ErrorCode::Invalid, "{body:?}");
+        assert!(body.message.contains("unknown catch-up step 9"), "{body:?}");
+    }
     let p = pipeline(&au, "vol-u");
     let w = p.worker(8)?;
     write_blocks(&w, "vol-u", 0..64, 1)?;

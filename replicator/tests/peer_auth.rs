@@ -134,3 +134,35 @@ fn only_holders_of_the_site_key_are_served() -> Result<()> {
     drop(s2);
     Ok(())
 }
+
+/// `replicator local-site --peer-key-file` with a file that is not a usable key stops at
+/// once with an error naming the flag, before any server starts.
+#[test]
+fn local_site_refuses_a_bad_peer_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("loose.key");
+    std::fs::write(&loose, "00".repeat(32)).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    for (file, why) in [
+        (dir.path().join("missing.key"), "cannot read"),
+        (loose, "chmod 600"),
+    ] {
+        let out = std::process::Command::new(replicator_bin())
+            .args(["local-site", "--dir"])
+            .arg(dir.path().join("site"))
+            .arg("--peer-key-file")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("--peer-key-file") && err.contains(why),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("site").join("s1.log").exists(),
+            "a server started"
+        );
+    }
+}

@@ -562,6 +562,15 @@ fn a_bdev_attaches_to_authenticating_servers_only_with_the_sites_peer_key() {
     );
     let msg = e["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("not an absolute path"), "{e}");
+    let e = t.try_call(
+        "bdev_replicated_create",
+        with("Rep0", Some(&root.path().join("missing.key"))),
+    );
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("peer_key_file") && msg.contains("missing.key"),
+        "{e}"
+    );
     let e = t.try_call("bdev_replicated_create", with("Rep0", Some(&other_key)));
     assert!(e["error"]["code"].as_i64().is_some(), "{e}");
     assert!(s1.health().unwrap()["auth_failures"].as_u64().unwrap() >= 2);

@@ -139,11 +139,7 @@ impl UnsettledLog {
         for &(_, off, len) in &self.recent {
             regions.extend(off / rs..(off + len.max(1) - 1) / rs + 1);
         }
-        regions
-            .into_iter()
-            .filter(|&r| r * rs < size)
-            .map(|r| [r * rs, rs.min(size - r * rs)])
-            .collect()
+        region_ranges(regions, rs, size).collect()
     }
 
     /// Whether this replica may differ from the others where the primary of `fence` does
@@ -177,6 +173,19 @@ impl UnsettledLog {
         self.recent.clear();
         (r, std::mem::take(&mut self.unknown))
     }
+}
+
+/// The byte range `[offset, len]` of each region of `region_size` in a volume of `size`
+/// bytes (the last one cut at the end; regions past it dropped).
+pub fn region_ranges(
+    regions: impl IntoIterator<Item = u64>,
+    region_size: u64,
+    size: u64,
+) -> impl Iterator<Item = [u64; 2]> {
+    regions
+        .into_iter()
+        .filter(move |&r| r * region_size < size)
+        .map(move |r| [r * region_size, region_size.min(size - r * region_size)])
 }
 
 /// Regions of `region_size` touched by the byte ranges, in order.

@@ -140,9 +140,7 @@ impl Peer {
 
     /// Marks a range in this peer's bitmap, durably (off the async threads).
     async fn mark(&self, offset: u64, len: u64, all: bool) -> Result<(), Fail> {
-        let bm = self.bitmap.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut b = bm.lock().expect("bitmap");
+        bitmap_op(&self.bitmap, move |b| {
             if all {
                 b.mark_all()
             } else {
@@ -150,7 +148,6 @@ impl Peer {
             }
         })
         .await
-        .expect("bitmap task")
         .map_err(|e| Fail::new(ErrorCode::Io, format!("persisting dirty bitmap: {e}")))
     }
 
@@ -589,7 +586,7 @@ impl VolumeRuntime {
         let covered = |e: Option<u64>| e.is_none_or(|e| e != 0 && e == before.led_epoch);
         let own_unknown = !covered(own_unknown);
         // The first primary of a new volume: every replica is all zeroes, none was written.
-        let pristine = !before.synced && before.followed_epoch == 0 && before.led_epoch == 0;
+        let pristine = before.is_pristine();
         for p in &peers {
             if p.state() == PeerState::InSync {
                 match self.connect_in_sync(p, epoch, pristine).await {
@@ -673,22 +670,15 @@ impl VolumeRuntime {
             .call(&h, &[], self.ctx.config.replicate_timeout)
             .await
             .map_err(|e| Fail::new(ErrorCode::ReplicationFailed, e.to_string()))?;
-        let report = if f.header.kind == MsgKind::Ok {
-            serde_json::from_slice(&f.payload).map_err(|e| {
-                Fail::new(
-                    ErrorCode::ReplicationFailed,
-                    format!("bad connect report: {e}"),
-                )
-            })?
-        } else {
-            return Err(match ErrorBody::decode(&f.payload) {
-                Some(ErrorBody {
-                    code: ErrorCode::NotInSync,
-                    message,
-                }) => Fail::new(ErrorCode::NotInSync, message),
-                _ => expect_ok(f).expect_err("an error answer"),
-            });
-        };
+        if f.header.kind != MsgKind::Ok {
+            return Err(expect_ok(f).expect_err("an error answer"));
+        }
+        let report = serde_json::from_slice(&f.payload).map_err(|e| {
+            Fail::new(
+                ErrorCode::ReplicationFailed,
+                format!("bad connect report: {e}"),
+            )
+        })?;
         *p.link.lock().expect("peer link") = Some(Arc::new(link));
         Ok(report)
     }
@@ -713,21 +703,19 @@ impl VolumeRuntime {
             return Ok(());
         }
         let (rs, size) = (self.ctx.config.region_size, self.replica.size_bytes());
-        let ranges: Vec<(u64, u64)> = regions
-            .iter()
-            .filter(|&&r| r * rs < size)
-            .map(|&r| (r * rs, rs.min(size - r * rs)))
-            .collect();
+        let ranges: Vec<[u64; 2]> =
+            unsettled::region_ranges(regions.iter().copied(), rs, size).collect();
         tracing::warn!(volume = %self.name, regions = ranges.len(), peers = targets.len(),
             "resyncing regions where the surviving replicas may differ");
         // Marked first, durably: in each peer's bitmap, so one that fails part-way is caught
         // up from it, and in the activity log, so that if this server dies part-way its next
         // term as primary resyncs them (the log's replay).
-        for &(off, len) in &ranges {
-            self.activity_mark(off, len).await?;
-            for p in &targets {
-                p.mark(off, len, false).await?;
-            }
+        let marks = std::iter::once(&self.activity).chain(targets.iter().map(|p| &p.bitmap));
+        for bm in marks {
+            let regions = regions.clone();
+            bitmap_op(bm, move |b| b.mark_regions(regions))
+                .await
+                .map_err(|e| Fail::new(ErrorCode::Io, format!("persisting a bitmap: {e}")))?;
         }
         if ranges.len() > RESYNC_INLINE_MAX_REGIONS {
             // Too much to copy while clients wait (a commit point stuck for long, folded into
@@ -740,7 +728,7 @@ impl VolumeRuntime {
             return Ok(());
         }
         let mut pending = std::collections::VecDeque::new();
-        for &(off, len) in &ranges {
+        for &[off, len] in &ranges {
             let sends = {
                 let mut sq = self.seq.lock().await;
                 let seq = self.next_seq(&mut sq).await?;
@@ -755,7 +743,14 @@ impl VolumeRuntime {
                 .await
                 .map_err(store_fail)?;
                 drop(ticket);
-                let mut rh = self.replicate_header(&sq, seq, ReplicaOp::Write, 0, g, epoch);
+                let mut rh = self.replicate_header(
+                    self.commit_point(&sq),
+                    seq,
+                    ReplicaOp::Write,
+                    0,
+                    g,
+                    epoch,
+                );
                 rh.offset = off;
                 rh.length = len as u32;
                 let mut sends = Vec::new();
@@ -956,11 +951,18 @@ impl VolumeRuntime {
         Ok(s)
     }
 
-    /// Called under the sequencer lock (`sq`), right after `seq` was taken, so the commit
-    /// point it carries is below every seq still unsettled at this moment.
+    /// The commit point a `Replicate` carries; taken under the sequencer lock (`sq`), right
+    /// after its seq, so it is below every seq still unsettled at that moment.
+    fn commit_point(&self, sq: &Sequencer) -> u64 {
+        self.settling
+            .lock()
+            .expect("settle tracker")
+            .commit_point(sq.next)
+    }
+
     fn replicate_header(
         &self,
-        sq: &Sequencer,
+        commit: u64,
         seq: u64,
         op: ReplicaOp,
         flags: u16,
@@ -968,11 +970,7 @@ impl VolumeRuntime {
         e: u64,
     ) -> Header {
         let mut h = Header::new(MsgKind::Replicate, 0, self.name.clone());
-        h.commit = self
-            .settling
-            .lock()
-            .expect("settle tracker")
-            .commit_point(sq.next);
+        h.commit = commit;
         h.flags = op.to_flags() | flags;
         h.generation = g;
         h.epoch = e;
@@ -1060,10 +1058,15 @@ impl VolumeRuntime {
                 .overlap
                 .register(seq, off, len, false)
                 .map_err(|err| Fail::new(ErrorCode::Invalid, err.to_string()))?;
-            if active.is_some() {
-                self.settling.lock().expect("settle tracker").open(seq);
-            }
-            let mut rh = self.replicate_header(&sq, seq, op.replica_op(), 0, g, e);
+            // One lock for both: this runs once per write.
+            let commit = {
+                let mut t = self.settling.lock().expect("settle tracker");
+                if active.is_some() {
+                    t.open(seq);
+                }
+                t.commit_point(sq.next)
+            };
+            let mut rh = self.replicate_header(commit, seq, op.replica_op(), 0, g, e);
             rh.offset = off;
             rh.length = len as u32;
             if fua {
@@ -1377,7 +1380,8 @@ impl VolumeRuntime {
                 .overlap
                 .register(seq, 0, 0, true)
                 .map_err(|err| Fail::new(ErrorCode::Invalid, err.to_string()))?;
-            let mut rh = self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, g, e);
+            let mut rh =
+                self.replicate_header(self.commit_point(&sq), seq, ReplicaOp::Flush, 0, g, e);
             for p in self.peers() {
                 let st = p.state();
                 if st == PeerState::OutOfSync {
@@ -1566,12 +1570,20 @@ impl VolumeRuntime {
             }
         }
         let size = self.replica.size_bytes();
-        let fresh =
-            |m: &crate::store::VolumeMeta| !m.synced && m.followed_epoch == 0 && m.led_epoch == 0;
         let meta = self.replica.meta();
-        let new_and_new = h.flags == CATCH_UP_CONNECT_NEW && fresh(&meta);
+        let both_new = h.flags == CATCH_UP_CONNECT_NEW && meta.is_pristine();
         match h.flags {
-            CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW if !meta.synced && !new_and_new => {
+            CATCH_UP_BEGIN | CATCH_UP_DONE | CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW
+            | CATCH_UP_RECONCILED => {}
+            other => {
+                return Err(Fail::new(
+                    ErrorCode::Invalid,
+                    format!("unknown catch-up step {other}"),
+                ))
+            }
+        }
+        match h.flags {
+            CATCH_UP_CONNECT | CATCH_UP_CONNECT_NEW if !meta.synced && !both_new => {
                 return Err(Fail::new(
                     ErrorCode::NotInSync,
                     "this replica is not synced (new, after a reboot, or part-way through a \
@@ -1878,8 +1890,14 @@ impl VolumeRuntime {
                         .map_err(|e| Fail::new(ErrorCode::Invalid, e.to_string()))?;
                     p.bitmap.lock().expect("bitmap").clear_region(region);
                     let (g, _) = self.fence();
-                    let mut rh =
-                        self.replicate_header(&sq, seq, ReplicaOp::Write, FLAG_CATCH_UP, g, epoch);
+                    let mut rh = self.replicate_header(
+                        self.commit_point(&sq),
+                        seq,
+                        ReplicaOp::Write,
+                        FLAG_CATCH_UP,
+                        g,
+                        epoch,
+                    );
                     rh.offset = off;
                     rh.length = len as u32;
                     rh.request_id = link.next_request_id();
@@ -1954,8 +1972,14 @@ impl VolumeRuntime {
         let rx = {
             let mut sq = self.seq.lock().await;
             let seq = self.next_seq(&mut sq).await?;
-            let mut rh =
-                self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
+            let mut rh = self.replicate_header(
+                self.commit_point(&sq),
+                seq,
+                ReplicaOp::Flush,
+                0,
+                self.fence().0,
+                epoch,
+            );
             rh.request_id = link.next_request_id();
             link.send(&rh, &[])
         };
@@ -1983,8 +2007,14 @@ impl VolumeRuntime {
                 ));
             }
             p.set_state(PeerState::InSync);
-            let mut rh =
-                self.replicate_header(&sq, seq, ReplicaOp::Flush, 0, self.fence().0, epoch);
+            let mut rh = self.replicate_header(
+                self.commit_point(&sq),
+                seq,
+                ReplicaOp::Flush,
+                0,
+                self.fence().0,
+                epoch,
+            );
             rh.request_id = link.next_request_id();
             link.send(&rh, &[])
         };
@@ -2099,16 +2129,24 @@ async fn clear_regions(
     bm: &Arc<Mutex<DirtyBitmap>>,
     regions: impl IntoIterator<Item = u64> + Send + 'static,
 ) -> std::io::Result<()> {
-    let bm = bm.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut b = bm.lock().expect("bitmap");
+    bitmap_op(bm, move |b| {
         for r in regions {
             b.clear_region(r);
         }
         b.persist_all()
     })
     .await
-    .expect("bitmap task")
+}
+
+/// Runs `f` on a bitmap off the async threads (its persisting fdatasyncs).
+async fn bitmap_op<T: Send + 'static>(
+    bm: &Arc<Mutex<DirtyBitmap>>,
+    f: impl FnOnce(&mut DirtyBitmap) -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let bm = bm.clone();
+    tokio::task::spawn_blocking(move || f(&mut bm.lock().expect("bitmap")))
+        .await
+        .expect("bitmap task")
 }
 
 /// A write counted in `active_writes` from its activity mark until it is answered.
@@ -2181,15 +2219,17 @@ async fn primary_is_healthy(
     })
 }
 
+/// A peer's answer as a result; an error keeps the peer's code (a caller acts on some, e.g.
+/// `NotInSync`), or is `ReplicationFailed` when the answer says none.
 fn expect_ok(f: Frame) -> Result<(), Fail> {
     if f.header.kind == MsgKind::Ok {
-        Ok(())
-    } else {
-        Err(Fail::new(
-            ErrorCode::ReplicationFailed,
-            format!("peer answered {:?}", ErrorBody::decode(&f.payload)),
-        ))
+        return Ok(());
     }
+    let body = ErrorBody::decode(&f.payload);
+    let code = body
+        .as_ref()
+        .map_or(ErrorCode::ReplicationFailed, |b| b.code);
+    Err(Fail::new(code, format!("peer answered {body:?}")))
 }
 
 /// How long a lease of `lease_ms` may be acted on, counted from when it was requested.
